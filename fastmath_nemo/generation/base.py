@@ -1,0 +1,62 @@
+"""The Generator seam: anything that turns prompt token ids into sampled completions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample, with vLLM's meanings. ``stop_token_ids`` (e.g. EOS) and
+    ``stop_sequences`` (token-id spellings of stop strings such as ``</think>``) end a
+    completion and are kept in it, so the policy learns to emit them."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Rollouts:
+    """Completions for P prompts x n samples, flattened prompt-major (row = p * n + j).
+
+    prompt_index[i]:  which prompt row i answers
+    token_ids[i]:     the completion's ids, stop token included, prompt excluded
+    logprobs[i]:      per-token logprobs of token_ids[i] under the sampling distribution
+                      (after temperature, before top-p/min-p truncation)
+    finish_reasons[i]: "stop" (hit a stop token or EOS) or "length" (hit max_tokens)
+    """
+
+    prompt_index: list[int] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class Generator(Protocol):
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollouts:
+        """Sample ``params.n`` completions for every prompt."""
+        ...
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take new policy weights (Hugging Face names), e.g. after an optimizer step."""
+        ...
+
+    def sleep(self) -> None:
+        """Release accelerator memory while the trainer runs (no-op where unsupported)."""
+        ...
+
+    def wake(self) -> None:
+        ...

