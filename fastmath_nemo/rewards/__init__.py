@@ -1,0 +1,36 @@
+"""Rewards for GRPO: answer extraction, bounded math verification, group-aware reward functions.
+
+Exports are lazy so verifier worker processes (which import this package) load neither
+torch nor the reward registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "last_boxed_answer": "extract",
+    "think_section": "extract",
+    "verify_answer": "verify",
+    "verify_many": "verify",
+    "configure_verifier": "verify",
+    "shutdown_verifier": "verify",
+    "completion_lengths": "functions",
+    "accuracy_reward": "functions",
+    "format_reward": "functions",
+    "cosine_reward": "functions",
+    "kimi_length_reward": "functions",
+    "repetition_penalty_reward": "functions",
+    "REWARD_FUNCTIONS": "functions",
+    "get_reward_fn": "functions",
+    "compute_rewards": "functions",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
