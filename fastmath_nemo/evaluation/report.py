@@ -1,0 +1,134 @@
+"""Evaluation report: ``report.json`` (all metrics) and ``report.md`` (the paper-style table).
+
+``report.json`` layout::
+
+    {"evaluations": [{"model": "base", "token_budget": 512, "pass@1": 0.41,
+                      "mean_output_tokens": 123.4, "n_problems": 200, "n_samples": 4,
+                      "maj@4": ..., "truncated_share": ..., ...}, ...],
+     "meta": {...}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastmath_nemo.checkpoint.atomic import atomic_write_json, atomic_write_text
+
+_ROW_KEYS = ("model", "token_budget")
+
+
+@dataclass
+class EvalRow:
+    """Metrics of one model (``base``/``sft``/``grpo`` or any name) at one token budget.
+
+    ``metrics`` is typically :func:`fastmath_nemo.evaluation.metrics.summarize`'s output and
+    must contain ``pass@1`` and ``mean_output_tokens`` for the table.
+    """
+
+    model: str
+    token_budget: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        clash = [k for k in _ROW_KEYS if k in self.metrics]
+        if clash:
+            raise ValueError(f"metric names clash with row keys: {clash}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON object stored under ``evaluations``."""
+        return {"model": self.model, "token_budget": self.token_budget, **self.metrics}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> "EvalRow":
+        metrics = {k: v for k, v in row.items() if k not in _ROW_KEYS}
+        return cls(model=str(row["model"]), token_budget=int(row["token_budget"]), metrics=metrics)
+
+
+RowLike = EvalRow | Mapping[str, Any]
+
+
+def _as_rows(rows: Sequence[RowLike]) -> list[EvalRow]:
+    return [r if isinstance(r, EvalRow) else EvalRow.from_dict(r) for r in rows]
+
+
+def _index(rows: list[EvalRow]) -> tuple[list[str], list[int], dict[tuple[str, int], EvalRow]]:
+    """Models in first-seen order (the comparison order), budgets ascending, and a lookup."""
+    models: list[str] = []
+    cells: dict[tuple[str, int], EvalRow] = {}
+    for row in rows:
+        key = (row.model, row.token_budget)
+        if key in cells:
+            raise ValueError(f"duplicate evaluation for model={row.model!r} @ {row.token_budget}")
+        cells[key] = row
+        if row.model not in models:
+            models.append(row.model)
+    budgets = sorted({row.token_budget for row in rows})
+    return models, budgets, cells
+
+
+def _fmt_pass(value: float) -> str:
+    return f"{100.0 * value:.1f}"
+
+
+def _fmt_tokens(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def format_comparisons(rows: Sequence[RowLike]) -> list[str]:
+    """One line per (model, budget) comparing each model with the model listed before it,
+    e.g. ``grpo vs sft @512: tokens -34.2%, pass@1 -0.5 pts``."""
+    models, budgets, cells = _index(_as_rows(rows))
+    lines: list[str] = []
+    for prev, cur in zip(models, models[1:]):
+        for budget in budgets:
+            a, b = cells.get((prev, budget)), cells.get((cur, budget))
+            if a is None or b is None:
+                continue
+            tok_a, tok_b = a.metrics["mean_output_tokens"], b.metrics["mean_output_tokens"]
+            tokens = f"{100.0 * (tok_b - tok_a) / tok_a:+.1f}%" if tok_a else "n/a"
+            points = 100.0 * (b.metrics["pass@1"] - a.metrics["pass@1"])
+            lines.append(f"{cur} vs {prev} @{budget}: tokens {tokens}, pass@1 {points:+.1f} pts")
+    return lines
+
+
+def format_table(rows: Sequence[RowLike], comparisons: bool = True) -> str:
+    """Markdown table: one row per model; per token budget a ``pass@1`` column (percent, one
+    decimal) and a ``tokens`` column (mean output tokens, thousands separator). Missing
+    cells show ``-``. With ``comparisons`` the :func:`format_comparisons` lines follow."""
+    models, budgets, cells = _index(_as_rows(rows))
+    header = ["model"]
+    for budget in budgets:
+        header += [f"pass@1 @{budget}", f"tokens @{budget}"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for model in models:
+        cols = [model]
+        for budget in budgets:
+            row = cells.get((model, budget))
+            if row is None:
+                cols += ["-", "-"]
+            else:
+                cols.append(_fmt_pass(row.metrics["pass@1"]))
+                cols.append(_fmt_tokens(row.metrics["mean_output_tokens"]))
+        lines.append("| " + " | ".join(cols) + " |")
+    text = "\n".join(lines) + "\n"
+    if comparisons:
+        extra = format_comparisons(rows)
+        if extra:
+            text += "\n" + "\n".join(f"- {line}" for line in extra) + "\n"
+    return text
+
+
+def write_report(rows: Sequence[RowLike], directory: Path, meta: Mapping[str, Any]) -> None:
+    """Atomically write ``report.json`` and ``report.md`` into ``directory`` (created if needed)."""
+    eval_rows = _as_rows(rows)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"evaluations": [r.to_dict() for r in eval_rows], "meta": dict(meta)}
+    atomic_write_json(directory / "report.json", payload)
+    atomic_write_text(directory / "report.md", "# Evaluation report\n\n" + format_table(eval_rows))

@@ -1,0 +1,160 @@
+"""The one place that touches devices and torch.distributed.
+
+Everything works without an initialised process group (single process, world size 1);
+under ``torchrun`` the usual env vars (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) drive :func:`init_distributed_if_needed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+DeviceName = Literal["cpu", "cuda", "auto"]
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def rank() -> int:
+    """Global rank: from the process group when initialised, else env RANK (default 0)."""
+    return dist.get_rank() if _initialized() else _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    """World size: from the process group when initialised, else env WORLD_SIZE (default 1)."""
+    return dist.get_world_size() if _initialized() else _env_int("WORLD_SIZE", 1)
+
+
+def local_rank() -> int:
+    """Rank within the node (env LOCAL_RANK, default 0); picks the CUDA device."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def resolve_device(name: DeviceName | str) -> torch.device:
+    """``cpu`` -> cpu; ``cuda`` -> ``cuda:<LOCAL_RANK>`` (error if CUDA is unavailable);
+    ``auto`` -> cuda when available, else cpu."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "auto":
+        return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "device='cuda' was requested but CUDA is not available "
+                "(torch.cuda.is_available() is False); use device='cpu' or device='auto'"
+            )
+        index = local_rank()
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise RuntimeError(f"LOCAL_RANK={index} but only {count} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    raise ValueError(f"unknown device {name!r}; expected 'cpu', 'cuda' or 'auto'")
+
+
+def init_distributed_if_needed(device: DeviceName | str | torch.device) -> bool:
+    """Initialise torch.distributed from torchrun env vars when WORLD_SIZE > 1.
+
+    Backend: nccl for CUDA, gloo for CPU. Returns True when a process group is active
+    afterwards, False for single-process runs (nothing is initialised then).
+    """
+    if _initialized():
+        return True
+    if _env_int("WORLD_SIZE", 1) <= 1:
+        return False
+    missing = [v for v in _TORCHRUN_VARS if not os.environ.get(v)]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE > 1 but {missing} unset; launch with torchrun")
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build lacks torch.distributed")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if dev.type == "cuda":
+        # Bind the device before NCCL init so collectives and barriers use the right GPU.
+        torch.cuda.set_device(dev.index if dev.index is not None else local_rank())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, init_method="env://")
+    return True
+
+
+def destroy_distributed() -> None:
+    """Tear down the process group if one is active (call at exit)."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Synchronise all ranks; no-op without a multi-rank process group."""
+    if _initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks, as a new tensor (input untouched); identity for world 1.
+
+    Integer tensors are averaged in float64. SUM then divide, because ReduceOp.AVG is
+    NCCL-only.
+    """
+    if not _initialized() or dist.get_world_size() == 1:
+        return tensor
+    if tensor.is_floating_point():
+        out = tensor.detach().clone()
+    else:
+        out = tensor.detach().to(torch.float64)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    out /= dist.get_world_size()
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (if installed) and torch (CPU and all CUDA devices).
+
+    Ranks get the same seed; add ``rank()`` yourself where streams must differ.
+    """
+    random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)  # only affects subprocesses
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def setup_logging(level: int | str = logging.INFO) -> None:
+    """Configure the root logger: rank 0 logs at ``level``, other ranks at WARNING or above.
+
+    Replaces existing root handlers so repeated calls don't duplicate lines.
+    """
+    if isinstance(level, str):
+        resolved = logging.getLevelName(level.upper())
+        if not isinstance(resolved, int):
+            raise ValueError(f"unknown log level {level!r}")
+        level = resolved
+    effective = level if is_rank0() else max(level, logging.WARNING)
+    tag = f" [rank{rank()}]" if world_size() > 1 else ""
+    logging.basicConfig(
+        level=effective,
+        format=f"%(asctime)s %(levelname).1s{tag} %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
