@@ -1,0 +1,192 @@
+"""Stage 2 of the recipe: GRPO with length-aware rewards, from the SFT model.
+
+    for step in 1..S:
+        prompts  -> Generator.generate (n per prompt)          timing/generation_s
+        rewards  = sum_k w_k r_k (format, cosine, Kimi length, ...)
+        A        = group-normalised rewards                     (Dr.GRPO: no std division)
+        old, ref = Policy.logprobs(...)                         (only when needed)
+        Policy.train_step(batch, grpo_loss) x updates_per_batch timing/train_s
+        Generator.update_weights(Policy.export_weights())       timing/refit_s
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fastmath_nemo.algorithms.advantages import group_advantages
+from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, masked_mean
+from fastmath_nemo.algorithms.sft import split_rows
+from fastmath_nemo.batch import Batch, batch_from_sequences
+from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig
+from fastmath_nemo.data.chat import prompt_ids
+from fastmath_nemo.data.records import MathRecord
+from fastmath_nemo.generation.base import Generator, Rollouts, SamplingParams
+from fastmath_nemo.policy.base import Policy
+from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
+from fastmath_nemo.rewards.verify import verify_many
+from fastmath_nemo.utils.distributed import is_rank0
+from fastmath_nemo.utils.metrics_logger import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+def stop_sequences(tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Token-id spellings of stop strings (``</think>`` is one token in R1-style tokenizers)."""
+    return tuple(tuple(tokenizer.encode(s, add_special_tokens=False)) for s in stops)
+
+
+def sampling_params(tokenizer: PreTrainedTokenizerBase, gen: GenerationConfig, n: int, max_tokens: int,
+                    temperature: float, top_p: float, min_p: float, seed: int) -> SamplingParams:
+    return SamplingParams(
+        n=n, temperature=temperature, top_p=top_p, min_p=min_p, max_tokens=max_tokens,
+        stop_token_ids=(int(tokenizer.eos_token_id),), stop_sequences=stop_sequences(tokenizer, gen.stop), seed=seed,
+    )
+
+
+@dataclass
+class RolloutBatch:
+    batch: Batch              # prompt + completion rows; loss_mask on completion tokens
+    completions: list[str]    # decoded completion text
+    correct: list[bool]
+    rewards: torch.Tensor     # [N] weighted total
+    per_reward: dict[str, torch.Tensor]
+
+
+def score_rollouts(
+    rollouts: Rollouts, prompts: list[list[int]], golds: list[str], tokenizer: PreTrainedTokenizerBase,
+    cfg: GRPOConfig,
+) -> RolloutBatch:
+    """Decode, verify once, compute the weighted rewards and build the training batch."""
+    texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
+    row_golds = [golds[p] for p in rollouts.prompt_index]
+    correct = verify_many(texts, row_golds, cfg.verify_timeout_s)
+    lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], cfg.length_unit)
+    specs = [(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
+    total, per_reward = compute_rewards(
+        specs, texts, row_golds, lengths, rollouts.prompt_index, correct=correct, timeout_s=cfg.verify_timeout_s
+    )
+    sequences, masks, rollout_lp = [], [], []
+    for p, completion, lps in zip(rollouts.prompt_index, rollouts.token_ids, rollouts.logprobs):
+        sequences.append(prompts[p] + completion)
+        masks.append([0] * len(prompts[p]) + [1] * len(completion))
+        rollout_lp.append([0.0] * len(prompts[p]) + lps)
+    batch = batch_from_sequences(sequences, masks, int(tokenizer.pad_token_id))
+    padded_lp = torch.zeros_like(batch.loss_mask)
+    for i, lps in enumerate(rollout_lp):
+        padded_lp[i, : len(lps)] = torch.tensor(lps)
+    return RolloutBatch(batch.with_fields(rollout_logprobs=padded_lp), texts, correct, total, per_reward)
+
+
+def run_grpo(
+    policy: Policy,
+    reference: Policy | None,
+    generator: Generator,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[MathRecord],
+    cfg: GRPOConfig,
+    gen_cfg: GenerationConfig,
+    system_prompt: str | None,
+    checkpoints: CheckpointManager,
+    metrics: MetricsLogger,
+    *,
+    seed: int,
+    micro_batch_rows: int,
+    resume: bool = False,
+) -> None:
+    prompts = [prompt_ids(tokenizer, r.problem, system_prompt) for r in records]
+    golds = [r.answer for r in records]
+    loss_cfg = GRPOLossConfig(
+        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_agg=cfg.loss_agg,  # type: ignore[arg-type]
+        norm_length=gen_cfg.max_tokens, tis_cap=cfg.tis_cap,
+    )
+    loss_fn = functools.partial(grpo_loss, cfg=loss_cfg)
+    policy.setup_optimizer(cfg.optimizer, cfg.steps * cfg.updates_per_batch)  # type: ignore[attr-defined]
+    start = 0
+    if resume and (latest := checkpoints.latest()) is not None:
+        start = int(policy.load(latest)["step"])
+        generator.update_weights(policy.export_weights())
+        logger.info("resuming GRPO from %s (step %d of %d)", latest, start, cfg.steps)
+
+    # Prompt order: a fresh seeded permutation per pass over the data.
+    order: list[int] = []
+    for epoch in range(1 + cfg.steps * cfg.prompts_per_step // len(records)):
+        perm = list(range(len(records)))
+        random.Random(f"grpo:{seed}:{epoch}").shuffle(perm)
+        order += perm
+
+    progress = tqdm(total=cfg.steps, initial=start, desc="grpo", disable=not is_rank0())
+    for step in range(start, cfg.steps):
+        chosen = order[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+        params = sampling_params(tokenizer, gen_cfg, cfg.num_generations, gen_cfg.max_tokens,
+                                 gen_cfg.temperature, gen_cfg.top_p, gen_cfg.min_p, seed=seed * 100_003 + step)
+        t0 = time.perf_counter()
+        generator.wake()
+        rollouts = generator.generate([prompts[i] for i in chosen], params)
+        generator.sleep()
+        t_gen = time.perf_counter() - t0
+
+        scored = score_rollouts(rollouts, [prompts[i] for i in chosen], [golds[i] for i in chosen], tokenizer, cfg)
+        advantages = group_advantages(scored.rewards, cfg.num_generations, scale_by_std=cfg.scale_rewards)
+        batch = scored.batch.with_fields(advantages=advantages)
+        step_metrics = rollout_metrics(scored, rollouts)
+
+        t0 = time.perf_counter()
+        if cfg.updates_per_batch > 1 or cfg.tis_cap is not None:
+            old = policy.logprobs(batch)
+            batch = batch.with_fields(old_logprobs=old)
+            step_metrics.update(logprob_mismatch(old, batch))
+        if reference is not None and cfg.beta > 0:
+            batch = batch.with_fields(ref_logprobs=reference.logprobs(batch))
+        for _ in range(cfg.updates_per_batch):
+            train = policy.train_step(split_rows(batch, micro_batch_rows), loss_fn)
+        t_train = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        generator.update_weights(policy.export_weights())
+        t_refit = time.perf_counter() - t0
+
+        step_metrics.update(train)
+        step_metrics.update({"timing/generation_s": t_gen, "timing/train_s": t_train, "timing/refit_s": t_refit})
+        metrics.log("grpo", step + 1, step_metrics)
+        progress.update(1)
+        progress.set_postfix(reward=f"{step_metrics['reward/mean']:.3f}", acc=f"{step_metrics['accuracy']:.2f}",
+                             len=f"{step_metrics['completion/mean_tokens']:.0f}")
+        if cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < cfg.steps:
+            checkpoints.save(policy, step + 1, {})
+    progress.close()
+    checkpoints.save_final(policy, {"step": cfg.steps})
+
+
+def rollout_metrics(scored: RolloutBatch, rollouts: Rollouts) -> dict[str, float]:
+    lengths = torch.tensor([len(t) for t in rollouts.token_ids], dtype=torch.float32)
+    out = {
+        "reward/mean": float(scored.rewards.mean()),
+        "reward/std": float(scored.rewards.std()),
+        "accuracy": sum(scored.correct) / len(scored.correct),
+        "completion/mean_tokens": float(lengths.mean()),
+        "completion/min_tokens": float(lengths.min()),
+        "completion/max_tokens": float(lengths.max()),
+        "completion/truncated_share": rollouts.finish_reasons.count("length") / len(rollouts),
+    }
+    out.update({f"reward/{name}": float(values.mean()) for name, values in scored.per_reward.items()})
+    return out
+
+
+def logprob_mismatch(trainer_logprobs: torch.Tensor, batch: Batch) -> dict[str, float]:
+    """|generator - trainer| logprobs over generated tokens (train/rollout numerics mismatch)."""
+    assert batch.rollout_logprobs is not None
+    diff = (trainer_logprobs - batch.rollout_logprobs).abs()
+    mask = batch.loss_mask
+    return {
+        "rollout/logprob_diff_max": float(torch.where(mask > 0, diff, torch.zeros_like(diff)).max()),
+        "rollout/logprob_diff_mean": float(masked_mean(diff, mask)),
+    }

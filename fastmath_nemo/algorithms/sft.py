@@ -1,0 +1,117 @@
+"""Stage 1 of the recipe: long supervised fine-tuning on reasoning traces.
+
+    for epoch in 1..E:                      # the paper finds up to 10 epochs essential
+        for rows in packed batches:         # several conversations per row, no cross-attention
+            loss = NLL(assistant tokens)    # exact token mean over the whole step
+            AdamW step, cosine LR with warmup, clipped gradients
+        optionally evaluate                 # reproduces the paper's epoch ablation
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fastmath_nemo.algorithms.losses import sft_loss
+from fastmath_nemo.batch import Batch
+from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.config.schema import SFTConfig
+from fastmath_nemo.data.chat import sft_example
+from fastmath_nemo.data.packing import Example, fit_to_length, packed_micro_batches, unpacked_batch
+from fastmath_nemo.data.records import MathRecord
+from fastmath_nemo.policy.base import Policy
+from fastmath_nemo.utils.distributed import is_rank0
+from fastmath_nemo.utils.metrics_logger import MetricsLogger
+
+logger = logging.getLogger(__name__)
+LOG_EVERY = 25  # steps between console summaries (metrics.jsonl gets every step)
+
+
+@dataclass
+class SFTData:
+    examples: list[Example]
+    pad_id: int
+
+
+def tokenize_sft(
+    records: list[MathRecord], tokenizer: PreTrainedTokenizerBase, system_prompt: str | None, max_seq_len: int
+) -> SFTData:
+    """Chat-format every record; conversations over ``max_seq_len`` are cut (with a warning)."""
+    missing = [r.source for r in records if not r.trace]
+    if missing:
+        raise ValueError(f"SFT needs a trace for every record; missing in {missing[:3]} ({len(missing)} total)")
+    examples = [
+        sft_example(tokenizer, r.problem, r.trace or "", system_prompt)
+        for r in tqdm(records, desc="tokenize sft", disable=not is_rank0(), leave=False)
+    ]
+    return SFTData(fit_to_length(examples, max_seq_len), int(tokenizer.pad_token_id))
+
+
+def step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[Batch]:
+    """The optimizer-step batches of one epoch (``cfg.rows_per_step`` rows each)."""
+    if cfg.packing:
+        return list(
+            packed_micro_batches(
+                data.examples, max_len=cfg.max_seq_len, pad_id=data.pad_id,
+                rows_per_batch=cfg.rows_per_step, seed=seed, epoch=epoch,
+            )
+        )
+    order = list(range(len(data.examples)))
+    random.Random(f"sft:{seed}:{epoch}").shuffle(order)
+    return [
+        unpacked_batch([data.examples[i] for i in order[s : s + cfg.rows_per_step]], data.pad_id)
+        for s in range(0, len(order), cfg.rows_per_step)
+    ]
+
+
+def split_rows(batch: Batch, rows: int) -> list[Batch]:
+    return [batch.select(slice(i, i + rows)) for i in range(0, batch.num_rows, rows)]
+
+
+def run_sft(
+    policy: Policy,
+    data: SFTData,
+    cfg: SFTConfig,
+    checkpoints: CheckpointManager,
+    metrics: MetricsLogger,
+    *,
+    seed: int,
+    micro_batch_rows: int,
+    resume: bool = False,
+    on_epoch_end: Callable[[int], dict[str, float]] | None = None,
+) -> None:
+    steps_per_epoch = len(step_batches(data, cfg, seed, 0))
+    total_steps = cfg.epochs * steps_per_epoch
+    policy.setup_optimizer(cfg.optimizer, total_steps)  # type: ignore[attr-defined]
+    start = 0
+    if resume and (latest := checkpoints.latest()) is not None:
+        start = int(policy.load(latest)["step"])
+        logger.info("resuming SFT from %s (step %d of %d)", latest, start, total_steps)
+    logger.info("SFT: %d examples, %d epochs x %d steps", len(data.examples), cfg.epochs, steps_per_epoch)
+
+    progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not is_rank0())
+    step = start
+    for epoch in range(start // steps_per_epoch, cfg.epochs):
+        batches = step_batches(data, cfg, seed, epoch)
+        for batch in batches[step - epoch * steps_per_epoch :]:
+            micro = split_rows(batch, micro_batch_rows)
+            # sft_loss divides by this; train_step averages over micro-batches: exact token mean.
+            per_micro_tokens = float(batch.loss_mask.sum()) / len(micro)
+            result = policy.train_step(micro, functools.partial(sft_loss, num_target_tokens=per_micro_tokens))
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{result['loss']:.4f}", epoch=epoch + 1)
+            metrics.log("sft", step, {**result, "epoch": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch},
+                        console=step % LOG_EVERY == 0)
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+                checkpoints.save(policy, step, {"epoch": epoch})
+        if cfg.eval_every_epoch and on_epoch_end is not None:
+            metrics.log("sft_eval", step, {"epoch": epoch + 1, **on_epoch_end(epoch + 1)})
+    progress.close()
+    checkpoints.save_final(policy, {"step": step})

@@ -1,0 +1,57 @@
+"""Stage checkpoints: ``<stage_dir>/checkpoints/step_N`` written atomically, and
+``<stage_dir>/final`` (a Hugging Face folder that the next stage or vLLM loads)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from fastmath_nemo.checkpoint.atomic import (
+    atomic_directory,
+    is_complete,
+    latest_checkpoint,
+    mark_complete,
+    prune_checkpoints,
+)
+from fastmath_nemo.utils.distributed import is_rank0
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    def __init__(self, stage_dir: Path, tokenizer: PreTrainedTokenizerBase, keep_last: int = 2) -> None:
+        self.stage_dir = Path(stage_dir)
+        self.root = self.stage_dir / "checkpoints"
+        self.final_dir = self.stage_dir / "final"
+        self.tokenizer = tokenizer
+        self.keep_last = keep_last
+
+    def _write(self, policy: Any, target: Path, state: dict[str, Any]) -> None:
+        if not is_rank0():
+            return
+        with atomic_directory(target) as tmp:
+            policy.save(tmp, extra_state=state)
+            self.tokenizer.save_pretrained(str(tmp))
+            mark_complete(tmp)
+
+    def save(self, policy: Any, step: int, state: dict[str, Any]) -> Path:
+        target = self.root / f"step_{step}"
+        self._write(policy, target, {**state, "step": step})
+        if is_rank0():
+            prune_checkpoints(self.root, self.keep_last)
+        logger.info("checkpoint saved: %s", target)
+        return target
+
+    def save_final(self, policy: Any, state: dict[str, Any]) -> Path:
+        self._write(policy, self.final_dir, state)
+        logger.info("final model saved: %s", self.final_dir)
+        return self.final_dir
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root) if self.root.exists() else None
+
+    def is_finished(self) -> bool:
+        return is_complete(self.final_dir)

@@ -1,0 +1,182 @@
+"""The typed configuration: every key a YAML file or an override may set.
+
+OmegaConf merges YAML and dotlist overrides into these dataclasses, so an unknown key or
+a wrong type fails with the key's name; ``validate`` checks what types cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+STAGES = ("recipe", "sft", "grpo", "eval")
+POLICY_BACKENDS = ("torch", "megatron")
+GENERATION_BACKENDS = ("torch", "vllm")
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "bfloat16")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LENGTH_UNITS = ("tokens", "chars")
+DATA_SOURCES = ("synthetic", "files")
+EVAL_MODELS = ("base", "sft", "grpo")
+
+
+@dataclass
+class RunConfig:
+    name: str = "recipe"
+    dir: Optional[str] = None  # default runs/<name>
+    seed: int = 1234
+    log_level: str = "INFO"
+
+
+@dataclass
+class SyntheticDataConfig:
+    n_train: int = 4000
+    n_eval: int = 200
+    min_operand: int = 10
+    max_operand: int = 99
+    n_ops: int = 2
+    max_checks: int = 3
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    """Where problems come from. ``files``: any path ``datasets`` reads (JSONL, Parquet,
+    Arrow, a ``save_to_disk`` folder); field names follow the data set's own columns."""
+
+    source: str = "synthetic"
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    sft_path: Optional[str] = None
+    grpo_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    split: Optional[str] = None
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    trace_field: str = "trace"
+    skip_bad_rows: bool = False
+    max_eval_problems: Optional[int] = None
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class TinyModelSection:
+    architecture: str = "qwen2"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+    tokenizer_vocab_size: int = 512
+
+
+@dataclass
+class ModelConfig:
+    """``path``: a local Hugging Face model folder, or null to build the embedded tiny model."""
+
+    path: Optional[str] = None
+    tiny: TinyModelSection = field(default_factory=TinyModelSection)
+
+
+@dataclass
+class PolicyConfig:
+    backend: str = "torch"
+    device: str = "auto"
+    dtype: str = "float32"
+    micro_batch_rows: int = 16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 10
+    rows_per_step: int = 32  # packed rows per optimizer step (split into micro-batches)
+    max_seq_len: int = 1024
+    packing: bool = True
+    eval_every_epoch: bool = False
+    save_every_steps: int = 0  # 0: only at the end
+    keep_last_checkpoints: int = 2
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    init_from: Optional[str] = None  # a checkpoint or model folder; null = model.path / tiny
+
+
+@dataclass
+class RewardSpec:
+    name: str = "accuracy"
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 50
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    updates_per_batch: int = 1  # optimizer steps per rollout batch, against the old logprobs
+    beta: float = 0.04
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    scale_rewards: bool = True  # false = Dr.GRPO (no division by the group's std)
+    loss_agg: str = "token-mean"
+    length_unit: str = "tokens"
+    tis_cap: Optional[float] = None
+    rewards: list[RewardSpec] = field(
+        default_factory=lambda: [
+            RewardSpec("format", 1.0),
+            RewardSpec("cosine", 1.0),
+            RewardSpec("kimi_length", 1.0),
+        ]
+    )
+    verify_timeout_s: float = 2.0
+    save_every_steps: int = 0
+    keep_last_checkpoints: int = 2
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-6))
+    init_from: Optional[str] = None  # a checkpoint; in the recipe, the SFT result
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "torch"
+    temperature: float = 1.0
+    top_p: float = 0.9
+    min_p: float = 0.05
+    max_tokens: int = 16384
+    stop: list[str] = field(default_factory=lambda: ["</think>"])
+    max_rows: int = 512  # torch sampler: rows decoded at once
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 4
+    token_budgets: list[int] = field(default_factory=lambda: [512])
+    temperature: float = 0.6
+    top_p: float = 0.95
+    min_p: float = 0.0
+    models: list[str] = field(default_factory=lambda: ["base", "sft", "grpo"])
+    checkpoint: Optional[str] = None  # conf=eval: the model to evaluate
+    k_values: list[int] = field(default_factory=lambda: [4])
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    stage: str = "recipe"
+    resume: bool = False
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,130 @@
+"""A batched KV-cache sampler over a transformers causal LM (the PyTorch Generator).
+
+It shares the policy's module (colocated, no copy), so ``update_weights`` only copies
+tensors when it was given a different model. Rows that finish are dropped from the
+batch and the KV cache as they go, so long-tailed lengths do not cost full-batch steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from fastmath_nemo.generation.base import Rollouts, SamplingParams
+from fastmath_nemo.generation.sampling import ends_with_any, filter_top_p_min_p
+
+logger = logging.getLogger(__name__)
+
+
+class TorchGenerator:
+    def __init__(self, model: PreTrainedModel, pad_id: int, max_rows: int = 512) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.max_rows = max_rows
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollouts:
+        rows = [(p, ids) for p, ids in enumerate(prompt_ids) for _ in range(params.n)]
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        rollouts = Rollouts()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(rows), self.max_rows):
+                chunk = rows[start : start + self.max_rows]
+                tokens, logprobs, reasons = self._generate_chunk([ids for _, ids in chunk], params, rng)
+                rollouts.prompt_index.extend(p for p, _ in chunk)
+                rollouts.token_ids.extend(tokens)
+                rollouts.logprobs.extend(logprobs)
+                rollouts.finish_reasons.extend(reasons)
+        finally:
+            self.model.train(was_training)
+        return rollouts
+
+    @torch.no_grad()
+    def _generate_chunk(
+        self, prompts: list[list[int]], params: SamplingParams, rng: torch.Generator
+    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
+        device, n = self.device, len(prompts)
+        width = max(len(p) for p in prompts)
+        # Left padding keeps every row's next token in the last column.
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=device)
+        attention = torch.zeros((n, width), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, device=device)
+            attention[i, width - len(p) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
+
+        out_tokens: list[list[int]] = [[] for _ in range(n)]
+        out_logprobs: list[list[float]] = [[] for _ in range(n)]
+        reasons = ["length"] * n
+        active = torch.arange(n, device=device)  # original row of each live batch row
+        next_pos = positions[:, -1] + 1
+        stop_ids = set(params.stop_token_ids)
+        for _ in range(params.max_tokens):
+            token, token_logprob = self._sample(logits, params, rng)
+            finished = []
+            for j, (row, tok, lp) in enumerate(zip(active.tolist(), token.tolist(), token_logprob.tolist())):
+                out_tokens[row].append(tok)
+                out_logprobs[row].append(lp)
+                if tok in stop_ids or ends_with_any(out_tokens[row], params.stop_sequences):
+                    reasons[row] = "stop"
+                    finished.append(j)
+            if finished:
+                keep = torch.ones(len(active), dtype=torch.bool, device=device)
+                keep[finished] = False
+                if not keep.any():
+                    break
+                idx = keep.nonzero().squeeze(-1)
+                cache.batch_select_indices(idx)
+                active, token, attention, next_pos = active[idx], token[idx], attention[idx], next_pos[idx]
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+            logits = self.model(
+                input_ids=token[:, None],
+                attention_mask=attention,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        return out_tokens, out_logprobs, reasons
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, params: SamplingParams, rng: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] -> (token [B], logprob [B]) with logprobs of the tempered distribution."""
+        logits = logits.float()
+        if params.temperature <= 0.0:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token = logprobs.argmax(dim=-1)
+        else:
+            logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
+            probs = filter_top_p_min_p(logprobs.exp(), params.top_p, params.min_p)
+            token = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+        return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                target = params[name]
+                if target.data_ptr() != tensor.data_ptr():
+                    target.copy_(tensor)
+
+    def sleep(self) -> None:  # the sampler holds no memory beyond the shared model
+        pass
+
+    def wake(self) -> None:
+        pass

@@ -1,0 +1,226 @@
+"""Wiring of the stages: data, model folders, policy, generator; recipe = SFT -> GRPO -> eval.
+
+Run directory layout (``run.dir``, default ``runs/<run.name>``)::
+
+    config.yaml        the resolved configuration
+    metrics.jsonl      one JSON object per logged step ({"stage", "step", ...})
+    base/              embedded default only: the tiny model and its tokenizer
+    sft/checkpoints/step_N, sft/final      (Hugging Face folders)
+    grpo/checkpoints/step_N, grpo/final
+    eval/<model>@<budget>.json, report.json, report.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from fastmath_nemo.algorithms.grpo import run_grpo
+from fastmath_nemo.algorithms.sft import run_sft, tokenize_sft
+from fastmath_nemo.checkpoint.atomic import atomic_directory, atomic_write_json, atomic_write_text, is_complete, mark_complete
+from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.config.loader import to_yaml
+from fastmath_nemo.config.schema import Config
+from fastmath_nemo.data.loading import load_records
+from fastmath_nemo.data.records import MathRecord
+from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits
+from fastmath_nemo.data.tokenizer import build_task_tokenizer
+from fastmath_nemo.evaluation.report import EvalRow, format_table, write_report
+from fastmath_nemo.evaluation.runner import evaluate
+from fastmath_nemo.generation.torch_generator import TorchGenerator
+from fastmath_nemo.policy.models import TinyModelConfig, build_tiny_model, load_pretrained
+from fastmath_nemo.policy.torch_policy import TorchPolicy
+from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
+from fastmath_nemo.utils.metrics_logger import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    sft: list[MathRecord]
+    grpo: list[MathRecord]
+    eval: list[MathRecord]
+
+
+@dataclass
+class Run:
+    cfg: Config
+    dir: Path
+    device: torch.device
+    metrics: MetricsLogger
+
+
+def load_task_data(cfg: Config) -> TaskData:
+    d = cfg.data
+    if d.source == "synthetic":
+        s = d.synthetic
+        train, held_out = generate_splits(SyntheticTaskConfig(
+            seed=s.seed, n_train=s.n_train, n_eval=s.n_eval, min_operand=s.min_operand,
+            max_operand=s.max_operand, n_ops=s.n_ops, max_checks=s.max_checks))
+        data = TaskData(sft=train, grpo=train, eval=held_out)
+    else:
+        def load(path: str | None, trace: bool) -> list[MathRecord]:
+            if path is None:
+                return []
+            return load_records(path, problem_field=d.problem_field, answer_field=d.answer_field,
+                                trace_field=d.trace_field if trace else None, split=d.split,
+                                skip_bad_rows=d.skip_bad_rows)
+        data = TaskData(sft=load(d.sft_path, True), grpo=load(d.grpo_path, False), eval=load(d.eval_path, False))
+    if d.max_eval_problems is not None:
+        data.eval = data.eval[: d.max_eval_problems]
+    return data
+
+
+def base_model_dir(run: Run, data: TaskData) -> Path:
+    """``model.path`` if given, else the embedded tiny model (built once per run dir)."""
+    cfg = run.cfg
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    target = run.dir / "base"
+    if is_complete(target):
+        return target
+    if is_rank0():
+        tiny = cfg.model.tiny
+        corpus = [f"{cfg.data.system_prompt}\n{r.problem}\n{r.trace or ''}" for r in data.sft]
+        with atomic_directory(target) as tmp:
+            tokenizer = build_task_tokenizer(corpus, tmp, vocab_size=tiny.tokenizer_vocab_size)
+            model = build_tiny_model(TinyModelConfig(
+                architecture=tiny.architecture, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers,
+                num_attention_heads=tiny.num_attention_heads, num_key_value_heads=tiny.num_key_value_heads,
+                intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_position_embeddings,
+            ), tokenizer, seed=cfg.run.seed)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            mark_complete(tmp)
+        logger.info("built the embedded tiny model (%.2fM parameters) in %s",
+                    sum(p.numel() for p in model.parameters()) / 1e6, target)
+    barrier()
+    return target
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template")
+    return tokenizer
+
+
+def load_policy(run: Run, model_dir: Path, temperature: float = 1.0) -> TorchPolicy:
+    model = load_pretrained(model_dir, run.cfg.policy.dtype)
+    if run.cfg.policy.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return TorchPolicy(model, run.device, temperature)
+
+
+def make_generator(run: Run, policy: TorchPolicy, tokenizer: PreTrainedTokenizerBase) -> TorchGenerator:
+    return TorchGenerator(policy.model, int(tokenizer.pad_token_id), max_rows=run.cfg.generation.max_rows)
+
+
+# -- stages ------------------------------------------------------------------------------
+def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
+    cfg = run.cfg
+    checkpoints = CheckpointManager(run.dir / "sft", load_tokenizer(init_dir), cfg.sft.keep_last_checkpoints)
+    if cfg.resume and checkpoints.is_finished():
+        logger.info("SFT already finished: %s", checkpoints.final_dir)
+        return checkpoints.final_dir
+    tokenizer = checkpoints.tokenizer
+    policy = load_policy(run, init_dir)
+    sft_data = tokenize_sft(data.sft, tokenizer, cfg.data.system_prompt, cfg.sft.max_seq_len)
+
+    def evaluate_epoch(epoch: int) -> dict[str, float]:
+        generator = make_generator(run, policy, tokenizer)
+        summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, cfg.eval.token_budgets[0],
+                           cfg.data.system_prompt, cfg.grpo.verify_timeout_s)
+        return {"pass@1": summary["pass@1"], "mean_output_tokens": summary["mean_output_tokens"]}
+
+    run_sft(policy, sft_data, cfg.sft, checkpoints, run.metrics, seed=cfg.run.seed,
+            micro_batch_rows=cfg.policy.micro_batch_rows, resume=cfg.resume, on_epoch_end=evaluate_epoch)
+    return checkpoints.final_dir
+
+
+def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
+    cfg = run.cfg
+    checkpoints = CheckpointManager(run.dir / "grpo", load_tokenizer(init_dir), cfg.grpo.keep_last_checkpoints)
+    if cfg.resume and checkpoints.is_finished():
+        logger.info("GRPO already finished: %s", checkpoints.final_dir)
+        return checkpoints.final_dir
+    policy = load_policy(run, init_dir, temperature=cfg.generation.temperature)
+    reference = policy.frozen_copy() if cfg.grpo.beta > 0 else None
+    generator = make_generator(run, policy, checkpoints.tokenizer)
+    run_grpo(policy, reference, generator, checkpoints.tokenizer, data.grpo, cfg.grpo, cfg.generation,
+             cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed,
+             micro_batch_rows=cfg.policy.micro_batch_rows, resume=cfg.resume)
+    return checkpoints.final_dir
+
+
+def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRow]:
+    cfg = run.cfg
+    rows: list[EvalRow] = []
+    for name, model_dir in models.items():
+        tokenizer = load_tokenizer(model_dir)
+        generator: TorchGenerator | None = None
+        for budget in cfg.eval.token_budgets:
+            cached = run.dir / "eval" / f"{name}@{budget}.json"
+            if cfg.resume and cached.exists():
+                rows.append(EvalRow.from_dict(json.loads(cached.read_text())))
+                continue
+            if generator is None:
+                generator = make_generator(run, load_policy(run, model_dir), tokenizer)
+            logger.info("evaluating %s at a %d-token budget on %d problems x %d samples",
+                        name, budget, len(data.eval), cfg.eval.n_samples)
+            summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, budget,
+                               cfg.data.system_prompt, cfg.grpo.verify_timeout_s)
+            row = EvalRow(name, budget, summary)
+            numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+            run.metrics.log(f"eval/{name}@{budget}", 0, numbers)
+            if is_rank0():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(cached, row.to_dict())
+            rows.append(row)
+    if is_rank0():
+        write_report(rows, run.dir, {"run": cfg.run.name, "stage": cfg.stage, "models": {k: str(v) for k, v in models.items()}})
+    return rows
+
+
+# -- entry point -------------------------------------------------------------------------
+def start_run(cfg: Config) -> Run:
+    device = resolve_device(cfg.policy.device)
+    init_distributed_if_needed(device)
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.dir or Path("runs") / cfg.run.name)
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    logger.info("run directory: %s (device %s)", run_dir, device)
+    return Run(cfg, run_dir, device, MetricsLogger(run_dir / "metrics.jsonl"))
+
+
+def run_stage(cfg: Config) -> dict[str, Any]:
+    """Run ``cfg.stage``; returns what it produced (model folders, evaluation rows)."""
+    run = start_run(cfg)
+    data = load_task_data(cfg)
+    base = base_model_dir(run, data)
+    out: dict[str, Any] = {}
+    if cfg.stage in ("recipe", "sft"):
+        out["sft"] = sft_stage(run, data, Path(cfg.sft.init_from) if cfg.sft.init_from else base)
+    if cfg.stage in ("recipe", "grpo"):
+        out["grpo"] = grpo_stage(run, data, Path(cfg.grpo.init_from) if cfg.grpo.init_from else out["sft"])
+    if cfg.stage in ("recipe", "eval"):
+        candidates = {"base": base, **out}
+        if cfg.stage == "eval":
+            candidates = {"model": Path(cfg.eval.checkpoint or base)}
+        models = {k: v for k, v in candidates.items() if cfg.stage == "eval" or k in cfg.eval.models}
+        rows = eval_stage(run, data, models)
+        out["evaluations"] = rows
+        if is_rank0():
+            print(format_table(rows), flush=True)  # the product's headline output
+    run.metrics.close()
+    return out

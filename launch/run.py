@@ -1,0 +1,43 @@
+"""Command line: ``python launch/run.py conf=NAME key.sub=value ...`` (no arguments: conf=recipe).
+
+Parses the configuration and dispatches to the stage; nothing else lives here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+
+from fastmath_nemo.config.loader import ConfigError, load_config  # noqa: E402
+from fastmath_nemo.pipeline import run_stage  # noqa: E402
+from fastmath_nemo.utils.distributed import setup_logging  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    name, overrides = "recipe", []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r}: expected conf=NAME or key=value")
+        if arg.startswith("conf="):
+            name = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return name, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        name, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(name, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.run.log_level)
+    run_stage(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
