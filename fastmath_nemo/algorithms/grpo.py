@@ -33,7 +33,7 @@ from fastmath_nemo.generation.base import Generator, Rollouts, SamplingParams
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
 from fastmath_nemo.rewards.verify import verify_many
-from fastmath_nemo.utils.distributed import is_rank0
+from fastmath_nemo.utils.distributed import is_rank0, shard
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ def run_grpo(
 
     progress = tqdm(total=cfg.steps, initial=start, desc="grpo", disable=not is_rank0())
     for step in range(start, cfg.steps):
-        chosen = order[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+        # Under torchrun each rank rolls out and trains on its own prompts (equal shares).
+        chosen = shard(order[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step], drop_remainder=True)
         params = sampling_params(tokenizer, gen_cfg, cfg.num_generations, gen_cfg.max_tokens,
                                  gen_cfg.temperature, gen_cfg.top_p, gen_cfg.min_p, seed=seed * 100_003 + step)
         t0 = time.perf_counter()

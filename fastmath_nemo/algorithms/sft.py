@@ -26,7 +26,7 @@ from fastmath_nemo.data.chat import sft_example
 from fastmath_nemo.data.packing import Example, fit_to_length, packed_micro_batches, unpacked_batch
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.policy.base import Policy
-from fastmath_nemo.utils.distributed import is_rank0
+from fastmath_nemo.utils.distributed import is_rank0, rank, world_size
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,13 @@ def tokenize_sft(
 
 
 def step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[Batch]:
-    """The optimizer-step batches of one epoch (``cfg.rows_per_step`` rows each)."""
+    """The optimizer-step batches of one epoch (``cfg.rows_per_step`` rows each). Under
+    torchrun every rank builds the same list; a tail batch with fewer rows than ranks is
+    dropped so that all ranks take the same number of steps."""
+    return [b for b in _all_step_batches(data, cfg, seed, epoch) if b.num_rows >= world_size()]
+
+
+def _all_step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[Batch]:
     if cfg.packing:
         return list(
             packed_micro_batches(
@@ -72,6 +78,13 @@ def step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[B
 
 def split_rows(batch: Batch, rows: int) -> list[Batch]:
     return [batch.select(slice(i, i + rows)) for i in range(0, batch.num_rows, rows)]
+
+
+def local_rows(batch: Batch) -> Batch:
+    """This rank's rows of a step batch: equal shares (remainder dropped) for DDP."""
+    n = world_size()
+    usable = batch.num_rows - batch.num_rows % n
+    return batch.select(slice(rank(), usable, n))
 
 
 def run_sft(
@@ -100,9 +113,12 @@ def run_sft(
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         batches = step_batches(data, cfg, seed, epoch)
         for batch in batches[step - epoch * steps_per_epoch :]:
-            micro = split_rows(batch, micro_batch_rows)
-            # sft_loss divides by this; train_step averages over micro-batches: exact token mean.
-            per_micro_tokens = float(batch.loss_mask.sum()) / len(micro)
+            local = local_rows(batch)
+            micro = split_rows(local, micro_batch_rows)
+            # sft_loss divides by this, train_step averages over micro-batches and DDP over
+            # ranks: the result is the exact token mean of the rows trained in this step.
+            step_tokens = float(batch.loss_mask[: local.num_rows * world_size()].sum())
+            per_micro_tokens = step_tokens / (len(micro) * world_size())
             result = policy.train_step(micro, functools.partial(sft_loss, num_target_tokens=per_micro_tokens))
             step += 1
             progress.update(1)

@@ -16,7 +16,7 @@ from fastmath_nemo.checkpoint.atomic import (
     mark_complete,
     prune_checkpoints,
 )
-from fastmath_nemo.utils.distributed import is_rank0
+from fastmath_nemo.utils.distributed import barrier, is_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +30,13 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def _write(self, policy: Any, target: Path, state: dict[str, Any]) -> None:
-        if not is_rank0():
-            return
-        with atomic_directory(target) as tmp:
-            policy.save(tmp, extra_state=state)
-            self.tokenizer.save_pretrained(str(tmp))
-            mark_complete(tmp)
+        """Rank 0 writes; every rank waits until the directory is complete."""
+        if is_rank0():
+            with atomic_directory(target) as tmp:
+                policy.save(tmp, extra_state=state)
+                self.tokenizer.save_pretrained(str(tmp))
+                mark_complete(tmp)
+        barrier()
 
     def save(self, policy: Any, step: int, state: dict[str, Any]) -> Path:
         target = self.root / f"step_{step}"

@@ -3,6 +3,7 @@ validate into the typed ``Config`` before any work starts."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,34 @@ def _read_yaml(name_or_path: str, conf_dir: Path, chain: tuple[str, ...] = ()) -
     return OmegaConf.merge(merged, raw)
 
 
+def _apply_override(merged: DictConfig, item: str) -> None:
+    """``key.sub=value`` or ``key.list[1].sub=value``; values parse as YAML, as in OmegaConf dotlists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    try:
+        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+        OmegaConf.update(merged, re.sub(r"\[(\d+)\]", r".\1", key), value, merge=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config key '{key}': {_reason(err)}") from None
+
+
+def _reason(err: OmegaConfBaseException) -> str:
+    return getattr(err, "msg", None) or str(err).splitlines()[0] or type(err).__name__
+
+
 def load_config(name: str = "recipe", overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Config:
     """Merge schema defaults <- conf/NAME.yaml (and its defaults) <- overrides; validate."""
     try:
-        schema = OmegaConf.structured(Config)
-        merged = OmegaConf.merge(schema, _read_yaml(name, conf_dir))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(name, conf_dir))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"conf={name}: config key '{getattr(err, 'full_key', None)}': {_reason(err)}") from None
+    for item in overrides or []:
+        _apply_override(merged, item)
+    try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from None
+        raise ConfigError(f"config key '{getattr(err, 'full_key', None)}': {_reason(err)}") from None
     validate(cfg)
     return cfg
 

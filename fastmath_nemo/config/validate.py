@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastmath_nemo.config import schema as s
 
 
@@ -37,6 +39,10 @@ def validate(cfg: s.Config) -> None:
         _choice(f"eval.models[{i}]", model, s.EVAL_MODELS)
     for i, spec in enumerate(cfg.grpo.rewards):
         _choice(f"grpo.rewards[{i}].name", spec.name, tuple(REWARD_FUNCTIONS))
+    if not cfg.grpo.rewards:
+        _error("grpo.rewards", "needs at least one reward (without one every advantage is 0)")
+    if not cfg.eval.models:
+        _error("eval.models", f"needs at least one of {', '.join(s.EVAL_MODELS)}")
 
     if cfg.policy.backend == "megatron":
         _error("policy.backend", "'megatron' is not available in this release yet; use 'torch'")
@@ -56,6 +62,11 @@ def validate(cfg: s.Config) -> None:
         ("eval.n_samples", cfg.eval.n_samples),
         ("policy.micro_batch_rows", cfg.policy.micro_batch_rows),
         ("grpo.verify_timeout_s", cfg.grpo.verify_timeout_s),
+        ("generation.max_rows", cfg.generation.max_rows),
+        ("model.tiny.num_attention_heads", cfg.model.tiny.num_attention_heads),
+        ("model.tiny.num_key_value_heads", cfg.model.tiny.num_key_value_heads),
+        ("model.tiny.hidden_size", cfg.model.tiny.hidden_size),
+        ("model.tiny.num_layers", cfg.model.tiny.num_layers),
     ]:
         _positive(key, value)
     if cfg.grpo.num_generations < 2:
@@ -66,15 +77,18 @@ def validate(cfg: s.Config) -> None:
         _error("grpo.beta", "must be >= 0 (0 loads no reference model)")
     if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap < 1.0:
         _error("grpo.tis_cap", f"must be >= 1 (a cap on an importance weight), got {cfg.grpo.tis_cap}")
-    if not 0.0 <= cfg.generation.top_p <= 1.0 or cfg.generation.top_p == 0.0:
-        _error("generation.top_p", "must be in (0, 1]")
-    if not 0.0 <= cfg.generation.min_p < 1.0:
-        _error("generation.min_p", "must be in [0, 1)")
+    for section, sampling in (("generation", cfg.generation), ("eval", cfg.eval)):
+        if not 0.0 < sampling.top_p <= 1.0:
+            _error(f"{section}.top_p", f"must be in (0, 1], got {sampling.top_p}")
+        if not 0.0 <= sampling.min_p < 1.0:
+            _error(f"{section}.min_p", f"must be in [0, 1), got {sampling.min_p}")
     if cfg.generation.temperature <= 0:
         _error("generation.temperature", "GRPO samples need temperature > 0")
     if not cfg.eval.token_budgets or any(b <= 0 for b in cfg.eval.token_budgets):
         _error("eval.token_budgets", "needs at least one positive budget")
     for k in cfg.eval.k_values:
+        if k < 1:
+            _error("eval.k_values", f"k={k} must be >= 1")
         if k > cfg.eval.n_samples:
             _error("eval.k_values", f"k={k} exceeds eval.n_samples={cfg.eval.n_samples}")
     for key, opt in (("sft.optimizer", cfg.sft.optimizer), ("grpo.optimizer", cfg.grpo.optimizer)):
@@ -82,6 +96,11 @@ def validate(cfg: s.Config) -> None:
             _error(f"{key}.betas", "needs two values")
         if not 0.0 <= opt.warmup_ratio < 1.0:
             _error(f"{key}.warmup_ratio", "must be in [0, 1)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.grpo.prompts_per_step % world:
+        _error("grpo.prompts_per_step", f"must be divisible by the number of ranks ({world})")
+    if cfg.sft.rows_per_step < world:
+        _error("sft.rows_per_step", f"must be at least the number of ranks ({world})")
     if cfg.model.path is None:
         tiny = cfg.model.tiny
         if tiny.hidden_size % tiny.num_attention_heads:

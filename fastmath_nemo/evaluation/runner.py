@@ -17,6 +17,7 @@ from fastmath_nemo.evaluation.metrics import SampleResult, summarize
 from fastmath_nemo.generation.base import Generator
 from fastmath_nemo.rewards.extract import last_boxed_answer
 from fastmath_nemo.rewards.verify import verify_many
+from fastmath_nemo.utils.distributed import all_gather_objects, shard
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,10 @@ def evaluate(
     system_prompt: str | None,
     verify_timeout_s: float = 2.0,
 ) -> dict[str, Any]:
-    """Summary metrics (pass@1, maj@k, mean output tokens, truncated share) at one budget."""
+    """Summary metrics (pass@1, maj@k, mean output tokens, truncated share) at one budget.
+    Under torchrun each rank generates for its share of the problems; samples are gathered."""
+    problem_ids = shard(list(range(len(records))))
+    records = [records[i] for i in problem_ids]
     prompts = [prompt_ids(tokenizer, r.problem, system_prompt) for r in records]
     params = sampling_params(tokenizer, gen_cfg, cfg.n_samples, token_budget, cfg.temperature, cfg.top_p,
                              cfg.min_p, seed=cfg.seed)
@@ -41,12 +45,13 @@ def evaluate(
     texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
     correct = verify_many(texts, [records[p].answer for p in rollouts.prompt_index], verify_timeout_s)
     samples = [
-        SampleResult(problem_id=p, answer=last_boxed_answer(text), correct=ok, num_tokens=len(ids),
+        SampleResult(problem_id=problem_ids[p], answer=last_boxed_answer(text), correct=ok, num_tokens=len(ids),
                      truncated=reason == "length")
         for p, text, ok, ids, reason in zip(rollouts.prompt_index, texts, correct, rollouts.token_ids,
                                             rollouts.finish_reasons)
     ]
+    samples = all_gather_objects(samples)
     summary = summarize(samples, cfg.k_values)
     summary["generation_s"] = elapsed
-    summary["tokens_per_s"] = sum(len(t) for t in rollouts.token_ids) / max(elapsed, 1e-9)
+    summary["tokens_per_s"] = sum(s.num_tokens for s in samples) / max(elapsed, 1e-9)
     return summary

@@ -19,6 +19,7 @@ from fastmath_nemo.batch import Batch
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import document_attention_mask
 from fastmath_nemo.policy.base import LossFn
+from fastmath_nemo.utils.distributed import world_size
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
@@ -45,6 +46,8 @@ class TorchPolicy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.max_grad_norm = 1.0
+        # Under torchrun, training forwards go through DDP (gradients averaged over ranks).
+        self._train_module: torch.nn.Module = self.model
 
     # -- optimisation -------------------------------------------------------------------
     def setup_optimizer(self, cfg: OptimizerConfig, total_steps: int) -> None:
@@ -55,13 +58,15 @@ class TorchPolicy:
             weight_decay=cfg.weight_decay,
             fused=self.device.type == "cuda",
         )
-        warmup = int(cfg.warmup_ratio * total_steps)
+        warmup = round(cfg.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.min_lr_ratio)
         )
         self.max_grad_norm = cfg.max_grad_norm
+        if world_size() > 1 and self._train_module is self.model:
+            self._train_module = torch.nn.parallel.DistributedDataParallel(self.model)
 
-    def _forward_logprobs(self, batch: Batch) -> torch.Tensor:
+    def _forward_logprobs(self, batch: Batch, module: torch.nn.Module | None = None) -> torch.Tensor:
         """[B, T] logprobs of each token given its document's prefix (column 0 is 0)."""
         batch = batch.to(self.device)
         packed = bool((batch.document_ids.max(dim=-1).values > 1).any())
@@ -69,7 +74,7 @@ class TorchPolicy:
             mask = document_attention_mask(batch.document_ids, dtype=self.model.dtype)
         else:
             mask = (batch.document_ids > 0).long()
-        logits = self.model(
+        logits = (module or self.model)(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
         ).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
@@ -97,7 +102,7 @@ class TorchPolicy:
         totals: dict[str, float] = {}
         for micro in micro_batches:
             micro = micro.to(self.device)
-            loss, metrics = loss_fn(self._forward_logprobs(micro), micro)
+            loss, metrics = loss_fn(self._forward_logprobs(micro, self._train_module), micro)
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(f"loss is {loss.item()} (metrics: { {k: float(v) for k, v in metrics.items()} })")

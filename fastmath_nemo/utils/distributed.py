@@ -124,6 +124,27 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_objects(items: list) -> list:
+    """Concatenate every rank's ``items`` (rank order); the list itself for world 1."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return items
+    gathered: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def shard(items: list, *, drop_remainder: bool = False) -> list:
+    """This rank's share of ``items``: every world-th element starting at its rank.
+
+    drop_remainder: first trim to a multiple of the world size, so all ranks get equal shares
+    (needed where ranks must run the same number of collective steps, e.g. DDP backward).
+    """
+    n = world_size()
+    if drop_remainder:
+        items = items[: len(items) - len(items) % n]
+    return items[rank() :: n]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy (if installed) and torch (CPU and all CUDA devices).
 

@@ -1,0 +1,248 @@
+"""Tests for fastmath_nemo.config (loading, inheritance, overrides, validation) and the
+command line's handling of a bad configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fastmath_nemo.config.loader import CONF_DIR, ConfigError, load_config, to_dict
+from fastmath_nemo.config.schema import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF_NAMES = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def _assert_contains(expected, actual, path="") -> None:
+    """Every value written in a YAML file is the value the loaded config has."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), path
+        for key, value in expected.items():
+            assert key in actual, f"{path}.{key}"
+            _assert_contains(value, actual[key], f"{path}.{key}".lstrip("."))
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), path
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            _assert_contains(e, a, f"{path}[{i}]")
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def _raises(overrides: list[str], name: str = "recipe") -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(name, overrides)
+    return str(info.value)
+
+
+# -- the shipped files ----------------------------------------------------------------------
+def test_conf_dir_has_the_expected_files():
+    assert {"recipe", "sft", "grpo", "eval", "paper_14b"} <= set(CONF_NAMES)
+
+
+@pytest.mark.parametrize("name", CONF_NAMES)
+def test_every_conf_file_loads_with_its_own_values(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+    raw.pop("defaults", None)
+    _assert_contains(raw, to_dict(cfg))
+    assert cfg.stage == raw.get("stage", "recipe")
+
+
+def test_defaults_inheritance_sft_from_recipe():
+    sft, recipe = load_config("sft"), load_config("recipe")
+    assert sft.stage == "sft" and recipe.stage == "recipe"
+    assert sft.run.name == "sft"
+    # recipe values, not schema defaults
+    assert sft.sft.optimizer.lr == 3.0e-3  # schema default 1e-5
+    assert sft.sft.epochs == 5  # schema default 10
+    assert sft.data.synthetic.max_checks == 2  # schema default 3
+    assert sft.grpo.rewards[1].name == "cosine" and sft.grpo.rewards[1].kwargs == {"max_len": 400}
+    # and nothing else differs
+    a, b = to_dict(sft), to_dict(recipe)
+    assert a.pop("stage") == "sft" and b.pop("stage") == "recipe"
+    assert a["run"].pop("name") == "sft" and b["run"].pop("name") == "recipe"
+    assert a == b
+
+
+def test_paper_config_overrides_recipe_but_keeps_the_rest():
+    cfg = load_config("paper_14b")
+    assert cfg.stage == "recipe"
+    assert cfg.eval.k_values == [8, 64] and cfg.eval.n_samples == 64
+    assert cfg.grpo.rewards[1].kwargs == {"max_len": 30000}
+    assert cfg.sft.optimizer.betas == [0.9, 0.95]  # from recipe.yaml
+    assert cfg.data.synthetic.max_checks == 2  # from recipe.yaml
+
+
+def test_stage_specific_files():
+    assert load_config("grpo").grpo.init_from == "runs/recipe/sft/final"
+    assert load_config("eval").eval.checkpoint == "runs/recipe/grpo/final"
+
+
+# -- overrides --------------------------------------------------------------------------------
+def test_dotlist_override_changes_nested_values_and_keeps_types():
+    cfg = load_config(
+        "sft",
+        ["sft.optimizer.lr=1", "grpo.num_generations=4", "eval.token_budgets=[100,200]", "run.seed=7",
+         "policy.gradient_checkpointing=true"],
+    )
+    assert cfg.sft.optimizer.lr == 1.0 and isinstance(cfg.sft.optimizer.lr, float)
+    assert cfg.grpo.num_generations == 4 and isinstance(cfg.grpo.num_generations, int)
+    assert cfg.eval.token_budgets == [100, 200] and all(isinstance(b, int) for b in cfg.eval.token_budgets)
+    assert cfg.run.seed == 7
+    assert cfg.policy.gradient_checkpointing is True
+    # untouched neighbours keep the file's values
+    assert cfg.sft.optimizer.warmup_ratio == 0.05 and cfg.grpo.optimizer.lr == 1.0e-4
+    assert cfg.stage == "sft"
+
+
+def test_override_replaces_a_list():
+    cfg = load_config("recipe", ["eval.n_samples=8", "eval.k_values=[1,8]"])
+    assert cfg.eval.k_values == [1, 8]
+
+
+def test_indexed_list_override_applies_or_names_the_key():
+    try:
+        cfg = load_config("recipe", ["grpo.rewards[1].kwargs.max_len=300"])
+    except ConfigError as err:
+        assert "grpo.rewards" in str(err)
+    else:
+        assert cfg.grpo.rewards[1].kwargs == {"max_len": 300}
+
+
+# -- errors name the key ----------------------------------------------------------------------
+def test_unknown_key_names_the_key():
+    message = _raises(["sft.epoch=3"])
+    assert "sft.epoch" in message
+    assert "epochs" in message  # the suggestion
+
+
+def test_unknown_top_level_key():
+    assert "bogus" in _raises(["bogus=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("sft.epochs=abc", "sft.epochs"), ("sft.epochs=3.5", "sft.epochs"), ("eval.k_values=[a]", "eval.k_values")],
+)
+def test_wrong_type_names_the_key(override, key):
+    assert f"'{key}" in _raises([override])
+
+
+def test_scalar_for_a_section_names_the_key():
+    message = _raises(["sft=3"])
+    assert "sft" in message and "None" not in message
+
+
+def test_invalid_choice_names_the_key_and_the_choices():
+    message = _raises(["policy.backend=jax"])
+    assert "policy.backend" in message and "jax" in message
+    assert "torch" in message and "megatron" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["grpo.num_generations=1"], "grpo.num_generations"),
+        (["eval.k_values=[8]", "eval.n_samples=4"], "eval.k_values"),
+        (["model.tiny.num_attention_heads=3"], "model.tiny.num_attention_heads"),
+        (["model.tiny.num_key_value_heads=3"], "model.tiny.num_key_value_heads"),
+        (["generation.top_p=0"], "generation.top_p"),
+        (["generation.min_p=1.0"], "generation.min_p"),
+        (["policy.micro_batch_rows=0"], "policy.micro_batch_rows"),
+        (["grpo.tis_cap=0.5"], "grpo.tis_cap"),
+        (["sft.optimizer.betas=[0.9]"], "sft.optimizer.betas"),
+        (["grpo.rewards=[{name: nope}]"], "grpo.rewards[0].name"),
+        (["data.source=files"], "data.sft_path"),
+        (["policy.backend=megatron"], "policy.backend"),
+    ],
+)
+def test_impossible_combinations_name_the_key(overrides, key):
+    assert f"'{key}'" in _raises(overrides)
+
+
+@pytest.mark.parametrize("key", ["model.tiny.num_attention_heads", "model.tiny.num_key_value_heads"])
+def test_zero_heads_name_the_key(key):
+    assert f"'{key}'" in _raises([f"{key}=0"])
+
+
+def test_nonpositive_k_names_the_key():
+    assert "'eval.k_values'" in _raises(["eval.k_values=[0]"])
+
+
+@pytest.mark.parametrize(("override", "key"), [("eval.top_p=0", "eval.top_p"), ("eval.min_p=1.5", "eval.min_p")])
+def test_eval_sampling_values_are_validated(override, key):
+    assert f"'{key}'" in _raises([override])
+
+
+def test_generation_max_rows_must_be_positive():
+    assert "'generation.max_rows'" in _raises(["generation.max_rows=0"])
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(
+        "recipe", ["grpo.num_generations=2", "eval.n_samples=4", "eval.k_values=[1,4]", "generation.top_p=1.0"]
+    )
+    assert cfg.grpo.num_generations == 2 and cfg.eval.k_values == [1, 4]
+
+
+def test_grpo_stage_needs_init_from():
+    assert "'grpo.init_from'" in _raises(["grpo.init_from=null"], name="grpo")
+
+
+def test_missing_conf_name_lists_the_available_ones():
+    message = _raises([], name="no_such_conf")
+    assert "no_such_conf" in message
+    for name in CONF_NAMES:
+        assert name in message
+
+
+def test_defaults_cycle_is_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config("a", conf_dir=tmp_path)
+
+
+# -- launch/run.py ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_module():
+    spec = importlib.util.spec_from_file_location("fastmath_launch_run", ROOT / "launch" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_work(run_module, monkeypatch):
+    """Replace the stage runner and logging setup: record calls instead of starting work."""
+    calls = []
+    monkeypatch.setattr(run_module, "run_stage", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(run_module, "setup_logging", lambda level: None)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["sft.epoch=3"], "sft.epoch"), (["conf=nope"], "available"), (["epochs"], "'epochs'")],
+)
+def test_cli_config_error_exits_2_without_starting_work(run_module, no_work, capsys, argv, needle):
+    assert run_module.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ")
+    assert needle in captured.err
+    assert captured.out == ""
+    assert no_work == []
+
+
+def test_cli_indexed_override_does_not_crash(run_module, no_work, capsys):
+    assert run_module.main(["grpo.rewards[1].kwargs.max_len=300"]) in (0, 2)
+
+
+def test_cli_valid_arguments_dispatch_the_parsed_config(run_module, no_work):
+    assert run_module.main(["conf=sft", "sft.epochs=1", "run.dir=/nonexistent/x"]) == 0
+    (cfg,) = no_work
+    assert cfg.stage == "sft" and cfg.sft.epochs == 1 and cfg.run.dir == "/nonexistent/x"

@@ -1,0 +1,83 @@
+"""Tests for fastmath_nemo.generation.sampling (top-p / min-p filtering, stop sequences)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmath_nemo.generation.sampling import ends_with_any, filter_top_p_min_p
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+def _filter(probs, top_p=1.0, min_p=0.0, dtype=torch.float32):
+    return filter_top_p_min_p(torch.tensor([probs], dtype=dtype), top_p, min_p)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_p_keeps_the_nucleus_and_renormalises(dtype):
+    out = _filter(PROBS, top_p=0.8, dtype=dtype)
+    torch.testing.assert_close(out, torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=dtype))
+
+
+def test_top_p_is_order_independent():
+    perm = [2, 0, 3, 1]
+    out = _filter([PROBS[i] for i in perm], top_p=0.8)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.625, 0.0, 0.375]))
+
+
+def test_top_p_just_above_a_boundary_keeps_the_next_token():
+    out = _filter(PROBS, top_p=0.81)
+    torch.testing.assert_close(out, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+
+
+def test_tiny_top_p_keeps_the_top_token():
+    torch.testing.assert_close(_filter(PROBS, top_p=0.01), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    # threshold = 0.2 * 0.5 = 0.1: only 0.05 goes
+    out = _filter(PROBS, min_p=0.2)
+    torch.testing.assert_close(out, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+
+
+def test_min_p_and_top_p_together():
+    torch.testing.assert_close(_filter(PROBS, top_p=0.8, min_p=0.2), torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    # min_p=0.4: threshold 0.2 drops 0.15 and 0.05
+    torch.testing.assert_close(_filter(PROBS, min_p=0.4), torch.tensor([0.625, 0.375, 0.0, 0.0]))
+
+
+def test_no_filtering_is_identity():
+    torch.testing.assert_close(_filter(PROBS), torch.tensor(PROBS))
+
+
+def test_rows_are_filtered_independently():
+    probs = torch.tensor([PROBS, [0.05, 0.15, 0.3, 0.5], [0.7, 0.1, 0.1, 0.1]])
+    out = filter_top_p_min_p(probs, 0.75, 0.0)  # away from the 0.8 boundaries
+    expected = torch.tensor(
+        [[0.625, 0.375, 0.0, 0.0], [0.0, 0.0, 0.375, 0.625], [0.7 / 0.8, 0.1 / 0.8, 0.0, 0.0]]
+    )
+    # row 3: mass before the 2nd token is 0.7 < 0.75 (kept), before the 3rd is 0.8 (dropped);
+    # ties among the 0.1s are broken by sort order, so only check the mass and the top token
+    torch.testing.assert_close(out[:2], expected[:2])
+    assert out[2, 0].item() == pytest.approx(0.875)
+    assert int((out[2] > 0).sum()) == 2
+    torch.testing.assert_close(out.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("sequence", "stops", "expected"),
+    [
+        ([1, 2, 3], ((2, 3),), True),
+        ([1, 2, 3], ((3,),), True),
+        ([1, 2, 3], ((1, 2),), False),  # a match that is not at the end
+        ([3], ((2, 3),), False),  # stop longer than the sequence
+        ([2, 3], ((1, 2, 3),), False),
+        ([], ((1,),), False),
+        ([1, 2], (), False),
+        ([5, 6, 7], ((9,), (6, 7)), True),  # any of several
+        ([1, 2, 3], ((1, 2, 3),), True),  # the whole sequence
+    ],
+)
+def test_ends_with_any(sequence, stops, expected):
+    assert ends_with_any(sequence, stops) is expected

@@ -1,0 +1,82 @@
+"""The main job end to end through the CLI, on a reduced configuration.
+
+Asserts the recipe's three movements: the SFT loss falls, SFT accuracy rises above the base
+model's, and GRPO shortens completions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A smaller task and schedule than conf/recipe.yaml, sized for CI (2 cores, a few minutes).
+REDUCED = [
+    "data.synthetic.n_train=1500",
+    "data.synthetic.n_eval=64",
+    "sft.epochs=3",
+    "sft.eval_every_epoch=false",
+    "grpo.steps=12",
+    "eval.n_samples=2",
+    "eval.k_values=[2]",
+]
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("recipe")
+    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={run_dir}", *REDUCED]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return run_dir
+
+
+def _records(run_dir: Path, stage: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["stage"] == stage]
+
+
+def _evaluations(run_dir: Path) -> dict[str, dict]:
+    report = json.loads((run_dir / "report.json").read_text())
+    return {row["model"]: row for row in report["evaluations"]}
+
+
+@pytest.mark.slow
+def test_sft_loss_falls(recipe_run: Path) -> None:
+    sft = _records(recipe_run, "sft")
+    first = sum(r["loss"] for r in sft[:5]) / 5
+    last = sum(r["loss"] for r in sft[-5:]) / 5
+    assert last < 0.2 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_sft_accuracy_rises_above_base(recipe_run: Path) -> None:
+    rows = _evaluations(recipe_run)
+    assert rows["sft"]["pass@1"] >= rows["base"]["pass@1"] + 0.3, (rows["base"]["pass@1"], rows["sft"]["pass@1"])
+
+
+@pytest.mark.slow
+def test_grpo_shortens_completions(recipe_run: Path) -> None:
+    rows = _evaluations(recipe_run)
+    assert rows["grpo"]["mean_output_tokens"] < 0.85 * rows["sft"]["mean_output_tokens"], (
+        rows["sft"]["mean_output_tokens"], rows["grpo"]["mean_output_tokens"])
+    grpo = _records(recipe_run, "grpo")
+    early = sum(r["completion/mean_tokens"] for r in grpo[:3]) / 3
+    late = sum(r["completion/mean_tokens"] for r in grpo[-3:]) / 3
+    assert late < early, (early, late)
+
+
+@pytest.mark.slow
+def test_run_directory_is_complete(recipe_run: Path) -> None:
+    for path in ("config.yaml", "report.md", "sft/final/COMPLETE", "grpo/final/COMPLETE", "base/tokenizer.json"):
+        assert (recipe_run / path).exists(), path
+    rows = json.loads((recipe_run / "report.json").read_text())["evaluations"]
+    assert {r["model"] for r in rows} == {"base", "sft", "grpo"}
+    for row in rows:
+        assert row["n_problems"] == 64 and row["n_samples"] == 2
+        assert 0.0 <= row["pass@1"] <= 1.0 and row["mean_output_tokens"] > 0
