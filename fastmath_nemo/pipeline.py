@@ -12,6 +12,7 @@ Run directory layout (``run.dir``, default ``runs/<run.name>``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -27,14 +28,13 @@ from fastmath_nemo.checkpoint.atomic import atomic_directory, atomic_write_json,
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.config.loader import to_yaml
 from fastmath_nemo.config.schema import Config
-from fastmath_nemo.data.loading import load_records
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits
 from fastmath_nemo.data.tokenizer import build_task_tokenizer
 from fastmath_nemo.evaluation.report import EvalRow, format_table, write_report
 from fastmath_nemo.evaluation.runner import evaluate
 from fastmath_nemo.generation.torch_generator import TorchGenerator
-from fastmath_nemo.policy.models import TinyModelConfig, build_tiny_model, load_pretrained
+from fastmath_nemo.policy.models import DTYPES, TinyModelConfig, build_tiny_model, load_pretrained
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
@@ -66,6 +66,8 @@ def load_task_data(cfg: Config) -> TaskData:
             max_operand=s.max_operand, n_ops=s.n_ops, max_checks=s.max_checks))
         data = TaskData(sft=train, grpo=train, eval=held_out)
     else:
+        from fastmath_nemo.data.loading import load_records  # datasets is only needed for files
+
         def load(path: str | None, trace: bool) -> list[MathRecord]:
             if path is None:
                 return []
@@ -114,14 +116,15 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def load_policy(run: Run, model_dir: Path, temperature: float = 1.0) -> TorchPolicy:
-    model = load_pretrained(model_dir, run.cfg.policy.dtype)
+    model = load_pretrained(model_dir, "float32")
     if run.cfg.policy.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return TorchPolicy(model, run.device, temperature)
+    return TorchPolicy(model, run.device, temperature, DTYPES[run.cfg.policy.dtype])
 
 
 def make_generator(run: Run, policy: TorchPolicy, tokenizer: PreTrainedTokenizerBase) -> TorchGenerator:
-    return TorchGenerator(policy.model, int(tokenizer.pad_token_id), max_rows=run.cfg.generation.max_rows)
+    return TorchGenerator(policy.model, int(tokenizer.pad_token_id), max_rows=run.cfg.generation.max_rows,
+                          compute_dtype=policy.compute_dtype)
 
 
 # -- stages ------------------------------------------------------------------------------
@@ -169,9 +172,13 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
         generator: TorchGenerator | None = None
         for budget in cfg.eval.token_budgets:
             cached = run.dir / "eval" / f"{name}@{budget}.json"
+            settings = {**dataclasses.asdict(cfg.eval), "n_problems": len(data.eval), "model_dir": str(model_dir)}
             if cfg.resume and cached.exists():
-                rows.append(EvalRow.from_dict(json.loads(cached.read_text())))
-                continue
+                saved = json.loads(cached.read_text())
+                if saved.get("settings") == settings:
+                    rows.append(EvalRow.from_dict(saved["row"]))
+                    continue
+                logger.info("eval settings changed since %s was written: evaluating again", cached)
             if generator is None:
                 generator = make_generator(run, load_policy(run, model_dir), tokenizer)
             logger.info("evaluating %s at a %d-token budget on %d problems x %d samples",
@@ -183,7 +190,7 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
             run.metrics.log(f"eval/{name}@{budget}", 0, numbers)
             if is_rank0():
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(cached, row.to_dict())
+                atomic_write_json(cached, {"settings": settings, "row": row.to_dict()})
             rows.append(row)
     if is_rank0():
         write_report(rows, run.dir, {"run": cfg.run.name, "stage": cfg.stage, "models": {k: str(v) for k, v in models.items()}})
@@ -207,17 +214,17 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     """Run ``cfg.stage``; returns what it produced (model folders, evaluation rows)."""
     run = start_run(cfg)
     data = load_task_data(cfg)
-    base = base_model_dir(run, data)
     out: dict[str, Any] = {}
     if cfg.stage in ("recipe", "sft"):
-        out["sft"] = sft_stage(run, data, Path(cfg.sft.init_from) if cfg.sft.init_from else base)
+        out["sft"] = sft_stage(run, data, Path(cfg.sft.init_from) if cfg.sft.init_from else base_model_dir(run, data))
     if cfg.stage in ("recipe", "grpo"):
         out["grpo"] = grpo_stage(run, data, Path(cfg.grpo.init_from) if cfg.grpo.init_from else out["sft"])
     if cfg.stage in ("recipe", "eval"):
-        candidates = {"base": base, **out}
         if cfg.stage == "eval":
-            candidates = {"model": Path(cfg.eval.checkpoint or base)}
-        models = {k: v for k, v in candidates.items() if cfg.stage == "eval" or k in cfg.eval.models}
+            models = {"model": Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else base_model_dir(run, data)}
+        else:
+            candidates = {"base": base_model_dir(run, data), **out}
+            models = {k: v for k, v in candidates.items() if k in cfg.eval.models}
         rows = eval_stage(run, data, models)
         out["evaluations"] = rows
         if is_rank0():

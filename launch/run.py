@@ -11,6 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
 from fastmath_nemo.config.loader import ConfigError, load_config  # noqa: E402
+from fastmath_nemo.data.chat import ChatTemplateError  # noqa: E402
+from fastmath_nemo.data.loading import DataError  # noqa: E402
 from fastmath_nemo.pipeline import run_stage  # noqa: E402
 from fastmath_nemo.utils.distributed import setup_logging  # noqa: E402
 
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     setup_logging(cfg.run.log_level)
-    run_stage(cfg)
+    try:
+        run_stage(cfg)
+    except (DataError, ChatTemplateError, FileNotFoundError) as err:  # bad input: say what and where
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

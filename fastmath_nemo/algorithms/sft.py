@@ -68,12 +68,17 @@ def _all_step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> l
                 rows_per_batch=cfg.rows_per_step, seed=seed, epoch=epoch,
             )
         )
+    # Unpacked rows: group similar lengths (as HF's group_by_length) so little is padding.
+    rng = random.Random(f"sft:{seed}:{epoch}")
     order = list(range(len(data.examples)))
-    random.Random(f"sft:{seed}:{epoch}").shuffle(order)
-    return [
-        unpacked_batch([data.examples[i] for i in order[s : s + cfg.rows_per_step]], data.pad_id)
-        for s in range(0, len(order), cfg.rows_per_step)
-    ]
+    rng.shuffle(order)
+    window = cfg.rows_per_step * 16
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: len(data.examples[i][0]))
+        batches += [chunk[s : s + cfg.rows_per_step] for s in range(0, len(chunk), cfg.rows_per_step)]
+    rng.shuffle(batches)
+    return [unpacked_batch([data.examples[i] for i in rows], data.pad_id) for rows in batches]
 
 
 def split_rows(batch: Batch, rows: int) -> list[Batch]:

@@ -177,6 +177,19 @@ def latest_checkpoint(root: str | os.PathLike[str], prefix: str = "step_") -> Pa
     return checkpoints[-1][1] if checkpoints else None
 
 
+def remove_stale(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete what killed writers left in ``root``: half-written ``.tmp-*`` directories and
+    ``.del-*`` directories a pruning crashed on. Call when a run (re)starts, from one rank:
+    one run owns its directory, so no live writer can be behind them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((TMP_PREFIX, DELETE_PREFIX))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def prune_checkpoints(
     root: str | os.PathLike[str], keep_last: int, prefix: str = "step_"
 ) -> list[Path]:

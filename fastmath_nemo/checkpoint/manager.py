@@ -15,6 +15,7 @@ from fastmath_nemo.checkpoint.atomic import (
     latest_checkpoint,
     mark_complete,
     prune_checkpoints,
+    remove_stale,
 )
 from fastmath_nemo.utils.distributed import barrier, is_rank0
 
@@ -28,6 +29,9 @@ class CheckpointManager:
         self.final_dir = self.stage_dir / "final"
         self.tokenizer = tokenizer
         self.keep_last = keep_last
+        if is_rank0():
+            for path in remove_stale(self.root) + remove_stale(self.stage_dir):
+                logger.warning("removed %s, left by a killed run", path)
 
     def _write(self, policy: Any, target: Path, state: dict[str, Any]) -> None:
         """Rank 0 writes; every rank waits until the directory is complete."""

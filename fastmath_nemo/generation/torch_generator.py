@@ -20,10 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 class TorchGenerator:
-    def __init__(self, model: PreTrainedModel, pad_id: int, max_rows: int = 512) -> None:
+    def __init__(
+        self, model: PreTrainedModel, pad_id: int, max_rows: int = 512, compute_dtype: torch.dtype = torch.float32
+    ) -> None:
         self.model = model
         self.pad_id = pad_id
         self.max_rows = max_rows
+        self.compute_dtype = compute_dtype  # the policy's, so sampler and trainer logprobs agree
 
     @property
     def device(self) -> torch.device:
@@ -39,7 +42,9 @@ class TorchGenerator:
         try:
             for start in range(0, len(rows), self.max_rows):
                 chunk = rows[start : start + self.max_rows]
-                tokens, logprobs, reasons = self._generate_chunk([ids for _, ids in chunk], params, rng)
+                with torch.autocast(self.device.type, dtype=self.compute_dtype,
+                                    enabled=self.compute_dtype != torch.float32):
+                    tokens, logprobs, reasons = self._generate_chunk([ids for _, ids in chunk], params, rng)
                 rollouts.prompt_index.extend(p for p, _ in chunk)
                 rollouts.token_ids.extend(tokens)
                 rollouts.logprobs.extend(logprobs)

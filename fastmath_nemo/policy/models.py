@@ -52,7 +52,8 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, s
 
 
 def load_pretrained(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
-    """Load a local Hugging Face model folder (never a hub id: ``local_files_only``)."""
+    """Load a local Hugging Face model folder (never a hub id: ``local_files_only``).
+    Training keeps float32 weights and gets bfloat16 compute through autocast."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.path: {path} is not a local model folder")
     return AutoModelForCausalLM.from_pretrained(

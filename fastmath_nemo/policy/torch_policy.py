@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
 
 
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Mixed precision for ``dtype`` other than float32; a no-op context for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised before the optimizer step, so the weights and the last checkpoint stay good."""
 
@@ -38,9 +43,19 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
 
 
 class TorchPolicy:
-    def __init__(self, model: PreTrainedModel, device: torch.device, temperature: float = 1.0) -> None:
+    """``compute_dtype=bfloat16`` runs forwards under autocast while the weights and AdamW
+    states stay in float32 (mixed precision, as HF Trainer's ``bf16=True``)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        device: torch.device,
+        temperature: float = 1.0,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.model = model.to(device)
         self.device = device
+        self.compute_dtype = compute_dtype
         # Logprobs are those of softmax(logits / temperature), as the sampler reports them.
         self.temperature = temperature
         self.optimizer: torch.optim.Optimizer | None = None
@@ -71,12 +86,13 @@ class TorchPolicy:
         batch = batch.to(self.device)
         packed = bool((batch.document_ids.max(dim=-1).values > 1).any())
         if packed:
-            mask = document_attention_mask(batch.document_ids, dtype=self.model.dtype)
+            mask = document_attention_mask(batch.document_ids, dtype=self.compute_dtype)
         else:
             mask = (batch.document_ids > 0).long()
-        logits = (module or self.model)(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
-        ).logits[:, :-1]
+        with autocast(self.device, self.compute_dtype):
+            logits = (module or self.model)(
+                input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
+            ).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
         picked = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
         return torch.nn.functional.pad(picked, (1, 0))
@@ -129,7 +145,7 @@ class TorchPolicy:
         """A reference policy for the KL term: same weights, no optimizer, no gradients."""
         model = copy.deepcopy(self.model).eval()
         model.requires_grad_(False)
-        return TorchPolicy(model, self.device, self.temperature)
+        return TorchPolicy(model, self.device, self.temperature, self.compute_dtype)
 
     def save(self, directory: Path, extra_state: dict | None = None) -> None:
         """HF folder (safetensors + config) plus optimizer / scheduler / loop state."""

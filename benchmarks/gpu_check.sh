@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU checks for the PyTorch backend, for a short window on one H100/H200 with no internet:
+# packages that the GPU image lacks arrive as wheels in .whl/ (see docs/gpu.md).
+#   bash benchmarks/gpu_check.sh            (writes logs to $OUT when set, else ./gpu-logs)
+set -uo pipefail
+out=${OUT:-gpu-logs}; mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
+
+echo "== CPU + CUDA unit tests (not the slow end-to-end ones)"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests -m "not slow" \
+  --ignore=tests/test_resume.py --ignore=tests/test_failures.py 2>&1 | tail -n 15 | tee "$out/pytest.txt"
+
+echo "== SFT throughput, 0.9B Llama-shaped model, bf16, packed 4k rows"
+timeout 180 python3 benchmarks/sft_throughput.py --preset 1b --device cuda --dtype bfloat16 --steps 6 2>&1 | tee "$out/throughput.txt"
+
+echo "== the recipe on CUDA (reduced)"
+timeout 240 python3 launch/run.py policy.device=cuda run.dir=/tmp/gpu-recipe data.synthetic.n_train=1500 \
+  data.synthetic.n_eval=64 sft.epochs=3 grpo.steps=12 eval.n_samples=2 eval.k_values=[2] 2>&1 \
+  | grep -v "it/s\]" | tail -n 12 | tee "$out/recipe.txt"
