@@ -1,6 +1,9 @@
 """The embedded default task: seeded multi-step arithmetic with R1-style reasoning traces.
 
-Each problem chains two operations on two-digit operands ("What is 47 + 38 - 29?").
+Each problem chains two operations on two-digit operands ("What is 47+38-29?"). The problem
+writes the expression exactly as the trace does, so a small model copies operands from it by
+matching tokens (with "47 + 38", the trace's "+" would be a different token than the prompt's
+" +", and the tiny model's copies fail).
 A trace works column by column, boxes the answer, then adds 0..max_checks redundant
 self-checks ("Wait, let me double-check ...") before ``</think>``, like R1 traces:
 
@@ -73,17 +76,20 @@ def _apply(op: str, a: int, b: int) -> int:
 
 
 def make_problem(rng: random.Random, cfg: SyntheticTaskConfig) -> tuple[str, list[tuple[int, str, int]], int]:
-    """Returns (expression, steps [(left, op, right)], answer); every partial result >= 10."""
+    """Returns (expression, steps [(left, op, right)], answer); every partial result >= 10
+    and every subtraction is two-digit minus two-digit."""
     while True:
         operands = [rng.randint(cfg.min_operand, cfg.max_operand) for _ in range(cfg.n_ops + 1)]
         ops = [rng.choice("+-") for _ in range(cfg.n_ops)]
         value, steps, ok = operands[0], [], True
         for op, right in zip(ops, operands[1:]):
+            # A subtraction takes a two-digit minuend: a borrow never crosses into hundreds.
+            ok = ok and (op == "+" or value < 100)
             steps.append((value, op, right))
             value = _apply(op, value, right)
             ok = ok and value >= 10
         if ok:
-            expr = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(ops, operands[1:])])
+            expr = "".join([str(operands[0])] + [f"{op}{x}" for op, x in zip(ops, operands[1:])])
             return expr, steps, value
 
 

@@ -52,14 +52,21 @@ def test_every_conf_file_loads_with_its_own_values(name):
     assert cfg.stage == raw.get("stage", "recipe")
 
 
+def _recipe_yaml():
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(CONF_DIR / "recipe.yaml")
+
+
 def test_defaults_inheritance_sft_from_recipe():
     sft, recipe = load_config("sft"), load_config("recipe")
     assert sft.stage == "sft" and recipe.stage == "recipe"
     assert sft.run.name == "sft"
-    # recipe values, not schema defaults
-    assert sft.sft.optimizer.lr == 3.0e-3  # schema default 1e-5
-    assert sft.sft.epochs == 5  # schema default 10
-    assert sft.data.synthetic.max_checks == 2  # schema default 3
+    # recipe.yaml's values, not the schema defaults (lr 1e-5, 10 epochs, cosine max_len 30000)
+    raw = _recipe_yaml()
+    assert sft.sft.optimizer.lr == raw.sft.optimizer.lr != 1e-5
+    assert sft.sft.epochs == raw.sft.epochs != 10
+    assert sft.data.synthetic.max_checks == raw.data.synthetic.max_checks
     assert sft.grpo.rewards[1].name == "cosine" and sft.grpo.rewards[1].kwargs == {"max_len": 400}
     # and nothing else differs
     a, b = to_dict(sft), to_dict(recipe)
@@ -74,7 +81,7 @@ def test_paper_config_overrides_recipe_but_keeps_the_rest():
     assert cfg.eval.k_values == [8, 64] and cfg.eval.n_samples == 64
     assert cfg.grpo.rewards[1].kwargs == {"max_len": 30000}
     assert cfg.sft.optimizer.betas == [0.9, 0.95]  # from recipe.yaml
-    assert cfg.data.synthetic.max_checks == 2  # from recipe.yaml
+    assert cfg.data.synthetic.max_checks == _recipe_yaml().data.synthetic.max_checks  # from recipe.yaml
 
 
 def test_stage_specific_files():
@@ -95,7 +102,9 @@ def test_dotlist_override_changes_nested_values_and_keeps_types():
     assert cfg.run.seed == 7
     assert cfg.policy.gradient_checkpointing is True
     # untouched neighbours keep the file's values
-    assert cfg.sft.optimizer.warmup_ratio == 0.05 and cfg.grpo.optimizer.lr == 1.0e-4
+    raw = _recipe_yaml()
+    assert cfg.sft.optimizer.warmup_ratio == raw.sft.optimizer.warmup_ratio
+    assert cfg.grpo.optimizer.lr == raw.grpo.optimizer.lr
     assert cfg.stage == "sft"
 
 
