@@ -16,7 +16,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests -m "not slow" \
 echo "== SFT throughput, 0.9B Llama-shaped model, bf16, packed 4k rows"
 timeout 180 python3 benchmarks/sft_throughput.py --preset 1b --device cuda --dtype bfloat16 --steps 6 2>&1 | tee "$out/throughput.txt"
 
-echo "== the recipe on CUDA (reduced)"
-timeout 240 python3 launch/run.py policy.device=cuda run.dir=/tmp/gpu-recipe data.synthetic.n_train=1500 \
-  data.synthetic.n_eval=64 sft.epochs=3 grpo.steps=12 eval.n_samples=2 eval.k_values=[2] 2>&1 \
+echo "== the recipe on CUDA (the reduced configuration of tests/test_recipe_functional.py)"
+timeout 240 python3 launch/run.py policy.device=cuda run.dir=/tmp/gpu-recipe data.synthetic.n_train=2000 \
+  data.synthetic.n_eval=64 sft.epochs=4 grpo.steps=20 grpo.prompts_per_step=8 eval.n_samples=2 eval.k_values=[2] 2>&1 \
   | grep -v "it/s\]" | tail -n 12 | tee "$out/recipe.txt"

@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A smaller task and schedule than conf/recipe.yaml, sized for CI (2 cores, a few minutes).
 REDUCED = [
-    "data.synthetic.n_train=1500",
+    "data.synthetic.n_train=2000",
     "data.synthetic.n_eval=64",
-    "sft.epochs=3",
-    "sft.eval_every_epoch=false",
-    "grpo.steps=12",
+    "sft.epochs=4",
+    "grpo.steps=20",
+    "grpo.prompts_per_step=8",
     "eval.n_samples=2",
     "eval.k_values=[2]",
 ]

@@ -2,16 +2,16 @@
 
 Each problem chains two operations on two-digit operands ("What is 47+38-29?"). The problem
 writes the expression exactly as the trace does, so a small model copies operands from it by
-matching tokens (with "47 + 38", the trace's "+" would be a different token than the prompt's
-" +", and the tiny model's copies fail).
+matching tokens; the column work spaces its operators (" +" is another token than "+"), so
+its many "+1" carries never look like the start of an operand to copy.
 A trace works column by column, boxes the answer, then adds 0..max_checks redundant
 self-checks ("Wait, let me double-check ...") before ``</think>``, like R1 traces:
 
     <think>
-    47+38: 7+8=15, 4+3+1=8, so 85.
-    85-29: 15-9=6, 8-2-1=5, so 56.
+    47+38: 7 + 8 = 15, 4 + 3 + 1 = 8, so 85.
+    85-29: 15 - 9 = 6, 8 - 2 - 1 = 5, so 56.
     The answer is \\boxed{56}.
-    Wait, let me double-check. 47+38: 7+8=15, 4+3+1=8, so 85. 85-29: ... Yes, \\boxed{56}.
+    Wait, let me double-check. 47+38: 7 + 8 = 15, 4 + 3 + 1 = 8, so 85. 85-29: ... Yes, \\boxed{56}.
     </think>
 
 So SFT has arithmetic to teach and GRPO has redundant length to remove.
@@ -26,7 +26,9 @@ from fastmath_nemo.data.records import MathRecord
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _TEMPLATES = ("What is {expr}?", "Compute {expr}.", "Evaluate {expr}.", "Find the value of {expr}.")
-_CHECK_OPENERS = ("Wait, let me double-check.", "Hmm, let me verify that.", "Let me check again.")
+# One opener, as R1's "Wait": with several, sampling at temperature < 1 sharpens towards
+# "</think>" (the single most likely next token) and hides the redundant length from GRPO.
+CHECK_OPENER = "Wait, let me double-check."
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def _column_addition(a: int, b: int) -> str:
     for i in range(max(len(da), len(db))):
         terms = [d[i] for d in (da, db) if i < len(d)] + ([1] if carry else [])
         total = sum(terms)
-        parts.append(f"{'+'.join(map(str, terms))}={total}")
+        parts.append(f"{' + '.join(map(str, terms))} = {total}")
         carry = total // 10
     return f"{a}+{b}: {', '.join(parts)}, so {a + b}."
 
@@ -66,7 +68,7 @@ def _column_subtraction(a: int, b: int) -> str:
         new_borrow = 1 if value < 0 else 0
         shown_top = top + 10 * new_borrow
         terms = [str(shown_top)] + ([str(bottom)] if bottom is not None else []) + (["1"] if borrow else [])
-        parts.append(f"{'-'.join(terms)}={value + 10 * new_borrow}")
+        parts.append(f"{' - '.join(terms)} = {value + 10 * new_borrow}")
         borrow = new_borrow
     return f"{a}-{b}: {', '.join(parts)}, so {a - b}."
 
@@ -98,7 +100,7 @@ def make_trace(steps: list[tuple[int, str, int]], answer: int, n_checks: int, rn
     lines = [THINK_OPEN, *work, f"The answer is \\boxed{{{answer}}}."]
     for _ in range(n_checks):
         # A full redo of the column work: about as long as the solution, and redundant.
-        lines.append(f"{rng.choice(_CHECK_OPENERS)} {' '.join(work)} Yes, \\boxed{{{answer}}}.")
+        lines.append(f"{CHECK_OPENER} {' '.join(work)} Yes, \\boxed{{{answer}}}.")
     lines.append(THINK_CLOSE)
     return "\n".join(lines)
 

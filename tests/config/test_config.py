@@ -62,10 +62,10 @@ def test_defaults_inheritance_sft_from_recipe():
     sft, recipe = load_config("sft"), load_config("recipe")
     assert sft.stage == "sft" and recipe.stage == "recipe"
     assert sft.run.name == "sft"
-    # recipe.yaml's values, not the schema defaults (lr 1e-5, 10 epochs, cosine max_len 30000)
+    # recipe.yaml's values, not the schema defaults (lr 1e-5, 32 rows, cosine max_len 30000)
     raw = _recipe_yaml()
     assert sft.sft.optimizer.lr == raw.sft.optimizer.lr != 1e-5
-    assert sft.sft.epochs == raw.sft.epochs != 10
+    assert sft.sft.rows_per_step == raw.sft.rows_per_step != 32
     assert sft.data.synthetic.max_checks == raw.data.synthetic.max_checks
     assert sft.grpo.rewards[1].name == "cosine" and sft.grpo.rewards[1].kwargs == {"max_len": 400}
     # and nothing else differs

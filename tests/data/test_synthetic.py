@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
-from fastmath_nemo.data.synthetic import THINK_CLOSE, THINK_OPEN, SyntheticTaskConfig, generate_splits
+from fastmath_nemo.data.synthetic import CHECK_OPENER, THINK_CLOSE, THINK_OPEN, SyntheticTaskConfig, generate_splits
 
-CHECK_OPENERS = ("Wait, let me double-check.", "Hmm, let me verify that.", "Let me check again.")
-EXPR = re.compile(r"(\d+(?: [+-] \d+)+)")
-STEP = re.compile(r"(\d+)([+-])(\d+): ((?:[\d+-]+=\d+)(?:, [\d+-]+=\d+)*), so (-?\d+)\.")
+CHECK_OPENERS = (CHECK_OPENER,)
+EXPR = re.compile(r"(\d+(?:[+-]\d+)+)")  # compact, as the trace's headers write it
+STEP = re.compile(r"(\d+)([+-])(\d+): ((?:[\d +-]+ = \d+)(?:, [\d +-]+ = \d+)*), so (-?\d+)\.")
 BOXED = re.compile(r"\\boxed\{([^}]*)\}")
 
 
@@ -26,8 +26,12 @@ def _expr(problem: str) -> str:
     return match.group(1)
 
 
+def _tokens(expr: str) -> list[str]:
+    return re.findall(r"\d+|[+-]", expr)
+
+
 def _eval(expr: str) -> int:
-    tokens = expr.split()
+    tokens = _tokens(expr)
     value = int(tokens[0])
     for op, x in zip(tokens[1::2], tokens[2::2]):
         value = value + int(x) if op == "+" else value - int(x)
@@ -47,7 +51,7 @@ def _check_columns(a: int, op: str, b: int, columns: str, c: int) -> None:
     da, db = str(a)[::-1], str(b)[::-1]
     for i, part in enumerate(parts):
         lhs, rhs = part.split("=")
-        terms = [int(t) for t in lhs.split(op)]
+        terms = [int(t) for t in lhs.split(f" {op} ")]
         value = int(rhs)
         if op == "+":
             expected_terms = [int(d[i]) for d in (da, db) if i < len(d)] + ([1] if carry_or_borrow else [])
@@ -92,7 +96,7 @@ def test_many_distinct_answers(splits):
 def test_answers_are_the_value_of_the_expression(splits):
     for r in splits[0] + splits[1]:
         expr = _expr(r.problem)
-        operands = [int(x) for x in expr.split()[::2]]
+        operands = [int(x) for x in _tokens(expr)[::2]]
         assert len(operands) == 3 and all(10 <= x <= 99 for x in operands), r.problem
         assert r.answer == str(_eval(expr)), r.problem
         assert int(r.answer) >= 10
@@ -113,7 +117,7 @@ def test_traces_box_the_record_answer_and_do_correct_arithmetic(splits):
             _check_columns(a, op, b, columns, c)
         # the first worked pass chains: left operand, partial results, the answer
         first_pass = STEP.findall(shortest_correct(r.trace))
-        expr = _expr(r.problem).split()
+        expr = _tokens(_expr(r.problem))
         assert int(first_pass[0][0]) == int(expr[0])
         assert [(op, int(b)) for _, op, b, _, _ in first_pass] == list(zip(expr[1::2], map(int, expr[2::2])))
         for (_, _, _, _, c), (a_next, *_rest) in zip(first_pass, first_pass[1:]):
