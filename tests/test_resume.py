@@ -128,7 +128,8 @@ def test_sigkill_mid_sft_then_resume_continues_after_last_checkpoint(tmp_path: P
     epochs = 4
     total = epochs * STEPS_PER_EPOCH
     args = ["conf=sft", *TINY, f"sft.epochs={epochs}", "sft.save_every_steps=1", f"run.dir={run_dir}",
-            f"sft.optimizer.lr={SFT_LR}", f"sft.optimizer.warmup_ratio={SFT_WARMUP_RATIO}"]
+            f"sft.optimizer.lr={SFT_LR}", f"sft.optimizer.warmup_ratio={SFT_WARMUP_RATIO}",
+            "sft.optimizer.min_lr_ratio=0"]
     ckpt_root = run_dir / "sft" / "checkpoints"
 
     log_path = tmp_path / "killed.log"
