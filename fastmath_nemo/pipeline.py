@@ -29,12 +29,12 @@ from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.config.loader import to_yaml
 from fastmath_nemo.config.schema import Config
 from fastmath_nemo.data.records import MathRecord
-from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits
+from fastmath_nemo.data.synthetic import generate_splits
 from fastmath_nemo.data.tokenizer import build_task_tokenizer
 from fastmath_nemo.evaluation.report import EvalRow, format_table, write_report
 from fastmath_nemo.evaluation.runner import evaluate
 from fastmath_nemo.generation.torch_generator import TorchGenerator
-from fastmath_nemo.policy.models import DTYPES, TinyModelConfig, build_tiny_model, load_pretrained
+from fastmath_nemo.policy.models import DTYPES, build_tiny_model, load_pretrained
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
@@ -60,10 +60,7 @@ class Run:
 def load_task_data(cfg: Config) -> TaskData:
     d = cfg.data
     if d.source == "synthetic":
-        s = d.synthetic
-        train, held_out = generate_splits(SyntheticTaskConfig(
-            seed=s.seed, n_train=s.n_train, n_eval=s.n_eval, min_operand=s.min_operand,
-            max_operand=s.max_operand, n_ops=s.n_ops, max_checks=s.max_checks))
+        train, held_out = generate_splits(d.synthetic)
         data = TaskData(sft=train, grpo=train, eval=held_out)
     else:
         from fastmath_nemo.data.loading import load_records  # datasets is only needed for files
@@ -88,16 +85,14 @@ def base_model_dir(run: Run, data: TaskData) -> Path:
     target = run.dir / "base"
     if is_complete(target):
         return target
+    if not data.sft:
+        raise ValueError("model.path is null and there is no SFT data to train the embedded tokenizer on: "
+                         "set model.path to a Hugging Face model folder")
     if is_rank0():
-        tiny = cfg.model.tiny
         corpus = [f"{cfg.data.system_prompt}\n{r.problem}\n{r.trace or ''}" for r in data.sft]
         with atomic_directory(target) as tmp:
-            tokenizer = build_task_tokenizer(corpus, tmp, vocab_size=tiny.tokenizer_vocab_size)
-            model = build_tiny_model(TinyModelConfig(
-                architecture=tiny.architecture, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers,
-                num_attention_heads=tiny.num_attention_heads, num_key_value_heads=tiny.num_key_value_heads,
-                intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_position_embeddings,
-            ), tokenizer, seed=cfg.run.seed)
+            tokenizer = build_task_tokenizer(corpus, tmp, vocab_size=cfg.model.tokenizer_vocab_size)
+            model = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.run.seed)
             model.save_pretrained(str(tmp), safe_serialization=True)
             mark_complete(tmp)
         logger.info("built the embedded tiny model (%.2fM parameters) in %s",

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fastmath_nemo.data.synthetic import SyntheticTaskConfig
+from fastmath_nemo.policy.models import TinyModelConfig
+
 STAGES = ("recipe", "sft", "grpo", "eval")
 POLICY_BACKENDS = ("torch", "megatron")
 GENERATION_BACKENDS = ("torch", "vllm")
@@ -29,23 +32,12 @@ class RunConfig:
 
 
 @dataclass
-class SyntheticDataConfig:
-    n_train: int = 4000
-    n_eval: int = 200
-    min_operand: int = 10
-    max_operand: int = 99
-    n_ops: int = 2
-    max_checks: int = 3
-    seed: int = 1234
-
-
-@dataclass
 class DataConfig:
     """Where problems come from. ``files``: any path ``datasets`` reads (JSONL, Parquet,
     Arrow, a ``save_to_disk`` folder); field names follow the data set's own columns."""
 
     source: str = "synthetic"
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     sft_path: Optional[str] = None
     grpo_path: Optional[str] = None
     eval_path: Optional[str] = None
@@ -59,23 +51,13 @@ class DataConfig:
 
 
 @dataclass
-class TinyModelSection:
-    architecture: str = "qwen2"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 384
-    max_position_embeddings: int = 1024
-    tokenizer_vocab_size: int = 512
-
-
-@dataclass
 class ModelConfig:
-    """``path``: a local Hugging Face model folder, or null to build the embedded tiny model."""
+    """``path``: a local Hugging Face model folder, or null to build the embedded tiny model
+    (shape ``tiny``, tokenizer trained on the task's text with ``tokenizer_vocab_size``)."""
 
     path: Optional[str] = None
-    tiny: TinyModelSection = field(default_factory=TinyModelSection)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    tokenizer_vocab_size: int = 512
 
 
 @dataclass

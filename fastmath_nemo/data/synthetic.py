@@ -31,7 +31,7 @@ _TEMPLATES = ("What is {expr}?", "Compute {expr}.", "Evaluate {expr}.", "Find th
 CHECK_OPENER = "Wait, let me double-check."
 
 
-@dataclass(frozen=True)
+@dataclass
 class SyntheticTaskConfig:
     seed: int = 1234
     n_train: int = 4000
