@@ -92,7 +92,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     base_s = time_steps(baseline_step, args.steps, device)
-    del opt
+    opt.state.clear()  # free the baseline's Adam moments before the policy builds its own
 
     policy = TorchPolicy(model, device, compute_dtype=dtype)
     policy.setup_optimizer(OptimizerConfig(lr=1e-5, warmup_ratio=0.0), total_steps=args.steps + 1)
