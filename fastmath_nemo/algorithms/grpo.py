@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -45,14 +45,14 @@ def stop_sequences(tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> tupl
 
 
 def sampling_params(tokenizer: PreTrainedTokenizerBase, gen: GenerationConfig, n: int, max_tokens: int,
-                    temperature: float, top_p: float, min_p: float, seed: int) -> SamplingParams:
+                    temperature: float, top_p: float, min_p: float, seed: int | None) -> SamplingParams:
     return SamplingParams(
         n=n, temperature=temperature, top_p=top_p, min_p=min_p, max_tokens=max_tokens,
         stop_token_ids=(int(tokenizer.eos_token_id),), stop_sequences=stop_sequences(tokenizer, gen.stop), seed=seed,
     )
 
 
-@dataclass
+@dataclasses.dataclass
 class RolloutBatch:
     batch: Batch              # prompt + completion rows; loss_mask on completion tokens
     completions: list[str]    # decoded completion text
@@ -123,12 +123,13 @@ def run_grpo(
         random.Random(f"grpo:{seed}:{epoch}").shuffle(perm)
         order += perm
 
+    base_params = sampling_params(tokenizer, gen_cfg, cfg.num_generations, gen_cfg.max_tokens,
+                                  gen_cfg.temperature, gen_cfg.top_p, gen_cfg.min_p, seed=None)
     progress = tqdm(total=cfg.steps, initial=start, desc="grpo", disable=not is_rank0())
     for step in range(start, cfg.steps):
         # Under torchrun each rank rolls out and trains on its own prompts (equal shares).
         chosen = shard(order[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step], drop_remainder=True)
-        params = sampling_params(tokenizer, gen_cfg, cfg.num_generations, gen_cfg.max_tokens,
-                                 gen_cfg.temperature, gen_cfg.top_p, gen_cfg.min_p, seed=seed * 100_003 + step)
+        params = dataclasses.replace(base_params, seed=seed * 100_003 + step)
         t0 = time.perf_counter()
         generator.wake()
         rollouts = generator.generate([prompts[i] for i in chosen], params)
