@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig
+from fastmath_nemo.algorithms.losses import LOSS_AGGREGATIONS  # noqa: F401  (validated choices)
+from fastmath_nemo.policy.models import DTYPES as MODEL_DTYPES
 from fastmath_nemo.policy.models import TinyModelConfig
 
 STAGES = ("recipe", "sft", "grpo", "eval")
 POLICY_BACKENDS = ("torch", "megatron")
 GENERATION_BACKENDS = ("torch", "vllm")
 DEVICES = ("cpu", "cuda", "auto")
-DTYPES = ("float32", "bfloat16")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+DTYPES = tuple(MODEL_DTYPES)
 LENGTH_UNITS = ("tokens", "chars")
 DATA_SOURCES = ("synthetic", "files")
 EVAL_MODELS = ("base", "sft", "grpo")
