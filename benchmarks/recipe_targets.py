@@ -37,9 +37,10 @@ def machine() -> str:
 
 
 def main() -> int:
-    run_dir = ROOT / "runs" / "benchmark-recipe"
     overrides = [a for a in sys.argv[1:]]
-    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "run.name=benchmark-recipe", f"run.dir={run_dir}", *overrides]
+    # one run directory per set of overrides, e.g. runs/benchmark-recipe-generation.backend=vllm
+    run_dir = ROOT / "runs" / "-".join(["benchmark-recipe", *(o.replace("/", "_") for o in overrides)])
+    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "run.name=benchmark-recipe", *overrides, f"run.dir={run_dir}"]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     wall = time.perf_counter() - start

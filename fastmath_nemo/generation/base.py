@@ -31,8 +31,10 @@ class Rollouts:
 
     prompt_index[i]:  which prompt row i answers
     token_ids[i]:     the completion's ids, stop token included, prompt excluded
-    logprobs[i]:      per-token logprobs of token_ids[i] under the sampling distribution
-                      (after temperature, before top-p/min-p truncation)
+    logprobs[i]:      per-token logprobs of token_ids[i] under the distribution each token
+                      was drawn from: temperature, then min-p/top-p truncation, renormalised
+                      (vLLM's processed_logprobs). With top_p=1 and min_p=0 they equal the
+                      trainer's tempered logprobs; truncation adds -log(kept mass) per token.
     finish_reasons[i]: "stop" (hit a stop token or EOS) or "length" (hit max_tokens)
     """
 
@@ -59,4 +61,8 @@ class Generator(Protocol):
         ...
 
     def wake(self) -> None:
+        ...
+
+    def close(self) -> None:
+        """Free what the generator holds (an engine's KV cache and weights)."""
         ...

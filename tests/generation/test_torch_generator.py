@@ -159,16 +159,31 @@ def test_greedy_equals_manual_argmax_without_cache(model, generator, prompts):
 def test_rollout_logprobs_match_policy_logprobs(model, generator, prompts, tiny_task, temperature):
     out = generator.generate(
         prompts,
-        SamplingParams(n=2, temperature=temperature, top_p=0.9, min_p=0.05, max_tokens=10, seed=5),
+        SamplingParams(n=2, temperature=temperature, top_p=1.0, min_p=0.0, max_tokens=10, seed=5),
     )
+    for i, got in enumerate(_policy_logprobs(model, tiny_task, prompts, out, temperature)):
+        torch.testing.assert_close(got, torch.tensor(out.logprobs[i]), atol=1e-5, rtol=0.0)
+
+
+def _policy_logprobs(model, tiny_task, prompts, out, temperature) -> list[torch.Tensor]:
+    """The trainer's logprobs of each rollout's completion tokens."""
     seqs = [prompts[p] + toks for p, toks in zip(out.prompt_index, out.token_ids)]
     masks = [[0] * len(prompts[p]) + [1] * len(toks) for p, toks in zip(out.prompt_index, out.token_ids)]
     batch = batch_from_sequences(seqs, masks, tiny_task.pad_id)
     policy_lp = TorchPolicy(model, torch.device("cpu"), temperature=temperature).logprobs(batch)
-    for i, (p, toks) in enumerate(zip(out.prompt_index, out.token_ids)):
-        start = len(prompts[p])
-        got = policy_lp[i, start : start + len(toks)]
-        torch.testing.assert_close(got, torch.tensor(out.logprobs[i]), atol=1e-5, rtol=0.0)
+    return [policy_lp[i, len(prompts[p]) : len(prompts[p]) + len(toks)]
+            for i, (p, toks) in enumerate(zip(out.prompt_index, out.token_ids))]
+
+
+def test_truncated_sampling_reports_the_renormalised_logprob(model, generator, prompts, tiny_task):
+    """With top-p/min-p the sampler draws from the truncated distribution: its logprob is the
+    trainer's plus -log(kept mass), i.e. never below it and above it where mass was cut."""
+    out = generator.generate(prompts, SamplingParams(n=2, temperature=1.0, top_p=0.5, min_p=0.05,
+                                                     max_tokens=10, seed=5))
+    gaps = torch.cat([torch.tensor(out.logprobs[i]) - got
+                      for i, got in enumerate(_policy_logprobs(model, tiny_task, prompts, out, 1.0))])
+    assert gaps.min() > -1e-5
+    assert gaps.max() > 1e-2
 
 
 def test_tempered_logprobs_differ_from_untempered(model, generator, prompts, tiny_task):

