@@ -23,6 +23,10 @@ LENGTH_UNITS = ("tokens", "chars")
 DATA_SOURCES = ("synthetic", "files")
 EVAL_MODELS = ("base", "sft", "grpo")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MEGATRON_ATTENTION = ("auto", "te", "sdpa", "unfused")
+MEGATRON_IMPLS = ("auto", "transformer_engine", "local")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 @dataclass
@@ -66,12 +70,29 @@ class ModelConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """``policy.backend=megatron``: megatron-core GPTModel built from the HF checkpoint."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    context_parallel_size: int = 1  # needs the Transformer Engine layer spec
+    sequence_parallel: bool = False  # with TP > 1: shard norms/dropout activations on sequence
+    attention_backend: str = "auto"  # auto: te where Transformer Engine is installed, else sdpa
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    fp8: Optional[str] = None  # null | e4m3 | hybrid (Transformer Engine, FP8-capable GPU)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise
+    distributed_optimizer: bool = False  # shard optimizer states over data-parallel ranks
+    recompute_activations: bool = False  # full recomputation of every layer in backward
+
+
+@dataclass
 class PolicyConfig:
     backend: str = "torch"
     device: str = "auto"
     dtype: str = "float32"
     micro_batch_rows: int = 16
     gradient_checkpointing: bool = False
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass

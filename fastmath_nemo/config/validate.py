@@ -45,7 +45,7 @@ def validate(cfg: s.Config) -> None:
         _error("eval.models", f"needs at least one of {', '.join(s.EVAL_MODELS)}")
 
     if cfg.policy.backend == "megatron":
-        _error("policy.backend", "'megatron' is not available in this release yet; use 'torch'")
+        _validate_megatron(cfg)
     if cfg.generation.backend == "vllm":
         _validate_vllm(cfg)
 
@@ -168,3 +168,72 @@ def _check_preset_installed(name: str, cache_dir: str) -> None:
         preset_source(name)
     except PresetUnavailableError as e:
         _error("model.preset", str(e))
+
+
+MEGATRON_INSTALL = "pip install -e '.[megatron]' (megatron-core>=0.16.1; 0.16.1 is the last for Python 3.11)"
+TE_INSTALL = "pip install -e '.[te]' on a CUDA machine (Transformer Engine does not import without a GPU driver)"
+
+
+def _validate_megatron(cfg: s.Config) -> None:
+    """Fail before any work when megatron-core is missing or the layout or precision cannot run."""
+    import importlib.util
+
+    import torch
+
+    m = cfg.policy.megatron
+    _choice("policy.megatron.attention_backend", m.attention_backend, s.MEGATRON_ATTENTION)
+    _choice("policy.megatron.transformer_impl", m.transformer_impl, s.MEGATRON_IMPLS)
+    _choice("policy.megatron.fp8_recipe", m.fp8_recipe, s.FP8_RECIPES)
+    if m.fp8 is not None:
+        _choice("policy.megatron.fp8", m.fp8, s.FP8_FORMATS)
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
+        _positive(f"policy.megatron.{key}", getattr(m, key))
+    if importlib.util.find_spec("megatron.core") is None:
+        _error("policy.backend", f"megatron needs megatron-core, which is not installed: {MEGATRON_INSTALL}")
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    wants_te = m.transformer_impl == "transformer_engine" or m.attention_backend == "te"
+    if wants_te and not has_te:
+        _error("policy.megatron.transformer_impl" if m.transformer_impl == "transformer_engine"
+               else "policy.megatron.attention_backend", f"needs Transformer Engine: {TE_INSTALL}")
+    if m.fp8 is not None:
+        if not has_te or m.transformer_impl == "local":
+            _error("policy.megatron.fp8", f"FP8 runs through Transformer Engine's layer spec: {TE_INSTALL}")
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+            _error("policy.megatron.fp8", "FP8 needs a GPU with FP8 tensor cores (compute capability >= 8.9: "
+                   "Ada, Hopper, Blackwell); this machine has none")
+    if m.context_parallel_size > 1 and not has_te:
+        _error("policy.megatron.context_parallel_size", f"> 1 needs the Transformer Engine layer spec: {TE_INSTALL}")
+    if m.sequence_parallel and m.tensor_parallel_size == 1:
+        _error("policy.megatron.sequence_parallel", "only applies with tensor_parallel_size > 1")
+    shape = _model_shape(cfg)
+    if shape is not None:
+        heads, kv_heads, layers = shape
+        tp, pp = m.tensor_parallel_size, m.pipeline_parallel_size
+        if heads % tp or kv_heads % tp:
+            _error("policy.megatron.tensor_parallel_size",
+                   f"{tp} must divide the attention heads ({heads}) and key/value heads ({kv_heads})")
+        if layers % pp:
+            _error("policy.megatron.pipeline_parallel_size", f"{pp} must divide the number of layers ({layers})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = m.tensor_parallel_size * m.pipeline_parallel_size * m.context_parallel_size
+    if world % model_parallel:
+        _error("policy.megatron.tensor_parallel_size",
+               f"WORLD_SIZE={world} is not divisible by TP x PP x CP = {model_parallel}")
+    _error("policy.backend", "'megatron' passes these checks but the SFT and GRPO stages do not run it yet; "
+           "use 'torch'")
+
+
+def _model_shape(cfg: s.Config) -> tuple[int, int, int] | None:
+    """(attention heads, key/value heads, layers) of the configured model, when known before loading."""
+    import json
+    from pathlib import Path
+
+    if cfg.model.path is None and cfg.model.preset is None:
+        t = cfg.model.tiny
+        return t.num_attention_heads, t.num_key_value_heads, t.num_layers
+    config_file = Path(cfg.model.path or "", "config.json")
+    if cfg.model.path is None or not config_file.is_file():
+        return None
+    hf = json.loads(config_file.read_text())
+    heads = int(hf["num_attention_heads"])
+    return heads, int(hf.get("num_key_value_heads") or heads), int(hf["num_hidden_layers"])

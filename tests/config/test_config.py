@@ -284,3 +284,36 @@ def test_model_preset_choices_and_exclusivity():
     assert "'model.preset'" in _raises(["model.preset=gpt5"])
     message = _raises(["model.preset=smollm2-135m-instruct", "model.path=/models/x"])
     assert "'model.preset'" in message and "not both" in message
+
+
+# -- megatron --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["policy.megatron.tensor_parallel_size=3"], "policy.megatron.tensor_parallel_size",
+         "must divide the attention heads (4)"),
+        (["policy.megatron.pipeline_parallel_size=3"], "policy.megatron.pipeline_parallel_size",
+         "must divide the number of layers (4)"),
+        (["policy.megatron.fp8=e4m3"], "policy.megatron.fp8", "Transformer Engine"),
+        (["policy.megatron.attention_backend=te"], "policy.megatron.attention_backend", "Transformer Engine"),
+        (["policy.megatron.context_parallel_size=2"], "policy.megatron.context_parallel_size", "Transformer Engine"),
+        (["policy.megatron.sequence_parallel=true"], "policy.megatron.sequence_parallel", "tensor_parallel_size > 1"),
+        (["policy.megatron.fp8_recipe=mxfp8"], "policy.megatron.fp8_recipe", "not one of"),
+    ],
+)
+def test_impossible_megatron_layouts_fail_naming_the_key(overrides, key, words):
+    if importlib.util.find_spec("megatron.core") is None:
+        pytest.skip("megatron settings are checked after megatron-core's presence")
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("this machine has Transformer Engine")
+    message = _raises(["policy.backend=megatron", *overrides])
+    assert f"'{key}'" in message and words in message, message
+
+
+def test_megatron_world_size_must_divide_by_the_model_parallel_size(monkeypatch):
+    if importlib.util.find_spec("megatron.core") is None:
+        pytest.skip("megatron settings are checked after megatron-core's presence")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    message = _raises(["policy.backend=megatron", "policy.megatron.tensor_parallel_size=2",
+                       "grpo.prompts_per_step=48", "sft.rows_per_step=48"])
+    assert "'policy.megatron.tensor_parallel_size'" in message and "WORLD_SIZE=3" in message
