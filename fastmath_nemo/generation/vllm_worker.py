@@ -1,0 +1,27 @@
+"""Methods vLLM mixes into its workers (``worker_extension_cls``), called through
+``LLM.collective_rpc`` from the trainer's process."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_tensor(tensor: torch.Tensor) -> tuple[bytes, str, list[int]]:
+    """A tensor as (raw bytes, dtype name, shape): vLLM's RPC serialiser turns tensors into
+    nested lists, but sends bytes as they are."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return flat.numpy().tobytes(), str(tensor.dtype).removeprefix("torch."), list(tensor.shape)
+
+
+def unpack_tensor(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return raw.view(getattr(torch, dtype)).reshape(shape)
+
+
+class RefitExtension:
+    """Weight refit for engines whose workers live in other processes (TP > 1, or
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=1``): one bucket of packed tensors per call."""
+
+    def load_weight_bucket(self, names: list[str], packed: list[tuple[bytes, str, list[int]]]) -> None:
+        weights = [(name, unpack_tensor(*p)) for name, p in zip(names, packed)]
+        self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
