@@ -71,8 +71,24 @@ class Batch:
         }
         return Batch(**picked)
 
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
+
     def with_fields(self, **changes: torch.Tensor | None) -> "Batch":
         return replace(self, **changes)
+
+    def padded_to(self, rows: int, width: int) -> "Batch":
+        """Zero-padded to ``[rows, width]``: added tokens are padding (document 0, no loss),
+        added rows have no targets (advantage 0)."""
+        def pad(v: torch.Tensor | None) -> torch.Tensor | None:
+            if v is None:
+                return None
+            if v.dim() == 1:
+                return torch.nn.functional.pad(v, (0, rows - v.shape[0]))
+            return torch.nn.functional.pad(v, (0, width - v.shape[1], 0, rows - v.shape[0]))
+
+        return Batch(**{f.name: pad(getattr(self, f.name)) for f in fields(self)})
 
 
 def batch_from_sequences(

@@ -100,6 +100,7 @@ class OptimizerConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8  # Adam's epsilon
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0

@@ -66,10 +66,15 @@ class TorchPolicy:
 
     # -- optimisation -------------------------------------------------------------------
     def setup_optimizer(self, cfg: OptimizerConfig, total_steps: int) -> None:
+        # Biases and norm scales (the 1-D tensors) are not decayed, as in HF Trainer and Megatron.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() > 1]},
+                  {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            groups,
             lr=cfg.lr,
             betas=(cfg.betas[0], cfg.betas[1]),
+            eps=cfg.eps,
             weight_decay=cfg.weight_decay,
             fused=self.device.type == "cuda",
         )

@@ -1,0 +1,247 @@
+"""The Megatron Policy: a megatron-core GPTModel with tensor, pipeline and data parallelism.
+
+Built from a Hugging Face checkpoint (``convert.py``), trained through megatron-core's own
+machinery: ``get_forward_backward_func`` (pipeline schedules over micro-batches), its
+``DistributedDataParallel`` (gradient buffers, all-reduce over data-parallel ranks) and its
+optimizer (``get_megatron_optimizer``: AdamW, fp32 main weights under bf16, gradient
+clipping by the global norm, optionally sharded over data-parallel ranks). The SFT and GRPO
+loss functions are the same pure functions the PyTorch policy calls; they receive
+per-token logprobs computed without ever gathering the vocabulary (:func:`token_logprobs`).
+
+Every rank runs the same stage loop; data is sharded over data-parallel ranks only
+(``utils.distributed.data_parallel_*``): tensor- and pipeline-parallel peers see the same
+rows. Results that only the last pipeline stage has (logprobs, loss metrics) are broadcast
+to the other stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig
+
+from fastmath_nemo.batch import Batch
+from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig
+from fastmath_nemo.policy.base import LossFn
+from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf
+from fastmath_nemo.policy.megatron.convert import gather_hf_weights
+from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
+from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
+from fastmath_nemo.policy.megatron.parallel import init_model_parallel
+from fastmath_nemo.policy.torch_policy import NonFiniteLossError, cosine_with_warmup
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_attention_backend(name: str) -> str:
+    """``auto``: Transformer Engine's fused attention where TE is installed, else SDPA."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "te" if importlib.util.find_spec("transformer_engine") is not None else "sdpa"
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """Vocab-parallel logprobs in :class:`~fastmath_nemo.batch.Batch` alignment.
+
+    logits:    [B, T, V_local] this TP rank's slice of the (padded) vocabulary
+    input_ids: [B, T]
+    returns    [B, T]: ``log softmax(logits[:, t-1] / temperature)[input_ids[:, t]]``, column 0 = 0.
+
+    megatron-core's ``vocab_parallel_cross_entropy`` all-reduces the max and the partition
+    sum over TP ranks, so no rank materialises the full vocabulary. Vocabulary padding added
+    to make it divisible by TP is masked out of the partition sum.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    scaled = logits[:, :-1].float() / temperature  # a fresh tensor: the op overwrites its input
+    local = scaled.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * local
+    if start + local > vocab_size:
+        scaled[..., max(0, vocab_size - start):] = float("-inf")
+    nll = tensor_parallel.vocab_parallel_cross_entropy(scaled, input_ids[:, 1:].contiguous())
+    return torch.nn.functional.pad(-nll, (1, 0))
+
+
+class MegatronPolicy:
+    """``policy.backend=megatron``. ``params_dtype=bfloat16`` keeps fp32 main weights in the
+    optimizer (megatron's mixed precision); float32 trains in full precision."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: MegatronConfig,
+        *,
+        temperature: float = 1.0,
+        params_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            enable_cpu_compat()
+        init_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed)
+        self.cfg = cfg
+        self.temperature = temperature
+        self.params_dtype = params_dtype
+        self.hf_config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        self.tcfg = transformer_config_from_hf(
+            self.hf_config, tp=cfg.tensor_parallel_size, pp=cfg.pipeline_parallel_size, params_dtype=params_dtype,
+            sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute_activations,
+        )
+        spec = gpt_layer_spec(resolve_attention_backend(cfg.attention_backend),
+                              qk_layernorm=self.hf_config.model_type == "qwen3")
+        model = build_gpt_model(self.hf_config, self.tcfg, spec)
+        if self.on_gpu:
+            model.cuda(torch.cuda.current_device())
+        load_hf_weights(model, model_dir, self.hf_config)
+        self.model = model
+        self.ddp = DistributedDataParallel(
+            self.tcfg,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                          use_distributed_optimizer=cfg.distributed_optimizer),
+            model,
+        )
+        self.tcfg.finalize_model_grads_func = finalize_model_grads  # DP all-reduce, tied-embedding sync
+        self.optimizer: Any = None
+        self.base_lr = 0.0
+        self.weight_decay = 0.0
+        self.schedule: tuple[int, int, float] = (1, 0, 0.0)  # total steps, warmup, min ratio
+        self.step = 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+
+    # -- optimisation ------------------------------------------------------------------------
+    def setup_optimizer(self, cfg: OptimizerConfig, total_steps: int) -> None:
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
+                adam_beta2=cfg.betas[1], adam_eps=cfg.eps, clip_grad=cfg.max_grad_norm, bf16=self.params_dtype == torch.bfloat16,
+                params_dtype=self.params_dtype, use_distributed_optimizer=self.cfg.distributed_optimizer,
+            ),
+            [self.ddp],
+        )
+        self.base_lr = cfg.lr
+        self.weight_decay = cfg.weight_decay
+        self.schedule = (total_steps, round(cfg.warmup_ratio * total_steps), cfg.min_lr_ratio)
+        self.step = 0
+
+    def _set_lr(self) -> float:
+        total, warmup, min_ratio = self.schedule
+        lr = self.base_lr * cosine_with_warmup(self.step, total, warmup, min_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            # megatron's groups carry wd_mult (0 for biases and norm scales); its own scheduler,
+            # which we replace by the PyTorch policy's schedule, is what applies it
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+        return lr
+
+    # -- forward -----------------------------------------------------------------------------
+    def _forward(self, model: torch.nn.Module, micro: Batch) -> torch.Tensor:
+        """Logits [B, T, V_local] on the last stage, hidden states elsewhere."""
+        packed = bool((micro.document_ids.max(dim=-1).values > 1).any())
+        mask = megatron_attention_mask(micro.document_ids) if packed else None
+        return model(input_ids=micro.input_ids, position_ids=micro.position_ids, attention_mask=mask)
+
+    def _run(self, micro_batches: list[Batch], loss_fn: LossFn | None, forward_only: bool) -> list[dict]:
+        """One pass of megatron's schedule; per micro-batch results on the last stage, [] elsewhere."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if self.cfg.pipeline_parallel_size > 1:
+            micro_batches = _same_shape(micro_batches)
+        micro_batches = [m.to(self.device) for m in micro_batches]
+
+        def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+            micro = next(data_iterator)
+            output = self._forward(model, micro)
+
+            def loss_func(logits: torch.Tensor):
+                logprobs = token_logprobs(logits, micro.input_ids, self.hf_config.vocab_size, self.temperature)
+                if loss_fn is None:
+                    return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
+                loss, metrics = loss_fn(logprobs, micro)
+                return loss, {k: v.detach().clone() for k, v in metrics.items()}  # megatron divides the loss in place
+
+            return output, loss_func
+
+        rows, width = micro_batches[0].num_rows, micro_batches[0].width
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.ddp],
+            num_microbatches=len(micro_batches), seq_length=width, micro_batch_size=rows, forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch, micro_batch_rows: int = 64) -> torch.Tensor:
+        """[B, T] logprobs of ``batch`` (no gradients), on every rank."""
+        self.ddp.eval()
+        try:
+            micro = [batch.select(slice(i, i + micro_batch_rows)) for i in range(0, batch.num_rows, micro_batch_rows)]
+            results = self._run(micro, None, forward_only=True)
+        finally:
+            self.ddp.train()
+        parts = [r["logprobs"].cpu() for r in results] if results else None
+        return _from_last_stage(None if parts is None else torch.cat(parts)[: batch.num_rows, : batch.width])
+
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
+        """Mean of ``loss_fn`` over micro-batches (megatron divides each by their number),
+        gradient all-reduce over data-parallel ranks, clip, optimizer and LR step."""
+        if self.optimizer is None:
+            raise RuntimeError("call setup_optimizer() before train_step()")
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        results = self._run(micro_batches, loss_fn, forward_only=False)
+        totals = None
+        if results:
+            totals = {k: sum(float(r[k]) for r in results) / len(results) for k in results[0]}
+        totals = _from_last_stage(totals)
+        if not all(torch.isfinite(torch.tensor(v)) for v in totals.values()):
+            self.optimizer.zero_grad()
+            raise NonFiniteLossError(f"non-finite loss metrics {totals}")
+        totals["lr"] = self._set_lr()
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated or grad_norm is None or not torch.isfinite(torch.tensor(grad_norm)):
+            self.optimizer.zero_grad()
+            raise NonFiniteLossError(f"gradient norm is {grad_norm}")
+        self.step += 1
+        totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    # -- weights -----------------------------------------------------------------------------
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full Hugging Face-named tensors, one decoder layer at a time, on every rank
+        (TP shards all-gathered, pipeline stages broadcast)."""
+        return gather_hf_weights(self.model, self.hf_config)
+
+
+def _same_shape(micro_batches: list[Batch]) -> list[Batch]:
+    """Pipeline schedules exchange activations of one fixed [rows, width] shape: pad every
+    micro-batch to the largest. Padding carries no loss, but an added row still counts in
+    ``seq-mean-token-sum-norm``'s ``B`` (keep micro-batches of equal rows under PP)."""
+    rows = max(m.num_rows for m in micro_batches)
+    width = max(m.width for m in micro_batches)
+    return [m.padded_to(rows, width) for m in micro_batches]
+
+
+def _from_last_stage(value: Any) -> Any:
+    """``value`` as held by the last pipeline stage, on every stage of this pipeline."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]

@@ -1,0 +1,75 @@
+"""Worker for test_megatron_policy_parallel.py, run by ``torch.distributed.run --nproc-per-node 2``.
+
+``_policy_worker.py --tp T --pp P --model M --folder DIR --out result.json``: every rank builds a
+MegatronPolicy of layout (T, P, DP = 2 / (T * P)) from the HF folder, takes one SFT step on
+four rows (two micro-batches; under DP each rank takes one of them), and compares the
+loss and the gathered weights with a single-process TorchPolicy step on the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from _megatron_tiny import tiny_hf_model  # noqa: E402
+
+from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
+from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
+from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig  # noqa: E402
+from fastmath_nemo.policy.megatron.policy import MegatronPolicy  # noqa: E402
+from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
+
+OPTIMIZER = OptimizerConfig(lr=1e-3, weight_decay=0.1, eps=1e-6, max_grad_norm=0.5, warmup_ratio=0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for flag in ("--tp", "--pp"):
+        parser.add_argument(flag, type=int, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    policy = MegatronPolicy(args.folder, MegatronConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
+                                                        attention_backend="sdpa"), temperature=0.7)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (12, 12, 12, 12)]
+    batch = batch_from_sequences(seqs, [[0] * 3 + [1] * 9 for _ in seqs], pad_id=0)
+    micro = [batch.select(slice(0, 2)), batch.select(slice(2, 4))]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp = world // (args.tp * args.pp)
+    mine = micro if dp == 1 else [micro[rank]]
+
+    reference = TorchPolicy(tiny_hf_model(args.model), torch.device("cpu"), temperature=0.7)
+    logprob_diff = float((policy.logprobs(batch) - reference.logprobs(batch)).abs().max())
+    policy.setup_optimizer(OPTIMIZER, total_steps=10)
+    reference.setup_optimizer(OPTIMIZER, total_steps=10)
+    ours, theirs = policy.train_step(mine, sft_loss), reference.train_step(micro, sft_loss)
+    weights = dict(policy.export_weights())
+    expected = dict(reference.model.named_parameters())
+    result = {
+        "rank": rank, "dp": dp, "logprob_diff": logprob_diff,
+        "loss_diff": abs(ours["loss"] - theirs["loss"]) if dp == 1 else None,
+        "grad_norm_diff": abs(ours["grad_norm"] - theirs["grad_norm"]),
+        "weight_diff": max(float((weights[k] - expected[k]).abs().max()) for k in expected),
+        "names_match": sorted(weights) == sorted(expected),
+    }
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"cases": gathered}))
+
+
+if __name__ == "__main__":
+    main()

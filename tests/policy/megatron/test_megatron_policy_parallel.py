@@ -1,0 +1,49 @@
+"""MegatronPolicy on two CPU ranks (torchrun, gloo) at TP=2, PP=2 and DP=2: one SFT step
+gives the loss and updated weights of a single-process TorchPolicy step on the same rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.megatron
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _megatron_tiny import tiny_hf_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+WORKER = Path(__file__).resolve().parent / "_policy_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(("tp", "pp", "model"), [(2, 1, "qwen2"), (1, 2, "llama"), (1, 1, "qwen3")],
+                         ids=["tp2-qwen2", "pp2-llama", "dp2-qwen3"])
+def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: int, model: str) -> None:
+    folder, out = tmp_path / "model", tmp_path / "result.json"
+    tiny_hf_model(model).save_pretrained(str(folder))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(WORKER), "--tp", str(tp), "--pp", str(pp), "--model", model, "--folder", str(folder), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 2 and all(c["dp"] == 2 // (tp * pp) for c in cases)
+    for case in cases:
+        assert case["names_match"], case
+        assert case["logprob_diff"] <= 1e-5, case
+        assert case["grad_norm_diff"] <= 1e-5, case
+        assert case["weight_diff"] <= 1e-5, case
+        if case["loss_diff"] is not None:
+            assert case["loss_diff"] <= 1e-5, case
