@@ -35,6 +35,7 @@ from fastmath_nemo.evaluation.report import EvalRow, format_table, write_report
 from fastmath_nemo.evaluation.runner import evaluate
 from fastmath_nemo.generation.base import Generator
 from fastmath_nemo.generation.torch_generator import TorchGenerator
+from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.policy.models import DTYPES, build_tiny_model, load_pretrained
 from fastmath_nemo.policy.presets import preset_model_dir
 from fastmath_nemo.policy.torch_policy import TorchPolicy
@@ -118,26 +119,34 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_policy(run: Run, model_dir: Path, temperature: float = 1.0) -> TorchPolicy:
+def load_policy(run: Run, model_dir: Path, temperature: float = 1.0, backend: str | None = None) -> Policy:
+    """``policy.backend``: a transformers model (torch) or a megatron-core GPTModel built from
+    the same Hugging Face folder (megatron)."""
+    cfg = run.cfg.policy
+    if (backend or cfg.backend) == "megatron":
+        from fastmath_nemo.policy.megatron.policy import MegatronPolicy  # megatron-core is optional
+
+        return MegatronPolicy(model_dir, cfg.megatron, temperature=temperature, params_dtype=DTYPES[cfg.dtype],
+                              seed=run.cfg.run.seed)
     model = load_pretrained(model_dir, "float32")
-    if run.cfg.policy.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return TorchPolicy(model, run.device, temperature, DTYPES[run.cfg.policy.dtype])
+    return TorchPolicy(model, run.device, temperature, DTYPES[cfg.dtype])
 
 
 def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase,
-                   policy: TorchPolicy | None = None) -> Generator:
-    """``generation.backend``: ``torch`` samples with the policy's own module (loaded from
-    ``model_dir`` when there is no policy); ``vllm`` builds a colocated engine from
-    ``model_dir``, which the caller refits from the policy as it trains."""
+                   policy: Policy | None = None) -> Generator:
+    """``generation.backend``: ``torch`` samples with a TorchPolicy's own module, or with a
+    transformers copy loaded from ``model_dir`` (no policy, or a Megatron one); ``vllm`` builds
+    a colocated engine from ``model_dir``. The caller refits both from the policy as it trains."""
     gen = run.cfg.generation
     if gen.backend == "vllm":
         from fastmath_nemo.generation.vllm_generator import VLLMGenerator  # vllm is optional
 
         return VLLMGenerator(model_dir, gen.vllm, seed=run.cfg.run.seed)
-    policy = policy or load_policy(run, model_dir)
-    return TorchGenerator(policy.model, int(tokenizer.pad_token_id), max_rows=gen.max_rows,
-                          compute_dtype=policy.compute_dtype)
+    sampler = policy if isinstance(policy, TorchPolicy) else load_policy(run, model_dir, backend="torch")
+    return TorchGenerator(sampler.model, int(tokenizer.pad_token_id), max_rows=gen.max_rows,
+                          compute_dtype=sampler.compute_dtype)
 
 
 # -- stages ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from fastmath_nemo.data.chat import sft_example
 from fastmath_nemo.data.packing import Example, fit_to_length, packed_micro_batches, unpacked_batch
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.policy.base import Policy
-from fastmath_nemo.utils.distributed import is_rank0, rank, world_size
+from fastmath_nemo.utils.distributed import data_parallel_rank, data_parallel_size, is_rank0
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[B
     """The optimizer-step batches of one epoch (``cfg.rows_per_step`` rows each). Under
     torchrun every rank builds the same list; a tail batch with fewer rows than ranks is
     dropped so that all ranks take the same number of steps."""
-    return [b for b in _all_step_batches(data, cfg, seed, epoch) if b.num_rows >= world_size()]
+    return [b for b in _all_step_batches(data, cfg, seed, epoch) if b.num_rows >= data_parallel_size()]
 
 
 def _all_step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[Batch]:
@@ -87,9 +87,9 @@ def split_rows(batch: Batch, rows: int) -> list[Batch]:
 
 def local_rows(batch: Batch) -> Batch:
     """This rank's rows of a step batch: equal shares (remainder dropped) for DDP."""
-    n = world_size()
+    n = data_parallel_size()
     usable = batch.num_rows - batch.num_rows % n
-    return batch.select(slice(rank(), usable, n))
+    return batch.select(slice(data_parallel_rank(), usable, n))
 
 
 def run_sft(
@@ -122,8 +122,8 @@ def run_sft(
             micro = split_rows(local, micro_batch_rows)
             # sft_loss divides by this, train_step averages over micro-batches and DDP over
             # ranks: the result is the exact token mean of the rows trained in this step.
-            step_tokens = float(batch.loss_mask[: local.num_rows * world_size()].sum())
-            per_micro_tokens = step_tokens / (len(micro) * world_size())
+            step_tokens = float(batch.loss_mask[: local.num_rows * data_parallel_size()].sum())
+            per_micro_tokens = step_tokens / (len(micro) * data_parallel_size())
             result = policy.train_step(micro, functools.partial(sft_loss, num_target_tokens=per_micro_tokens))
             step += 1
             progress.update(1)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from fastmath_nemo.checkpoint.atomic import (
     prune_checkpoints,
     remove_stale,
 )
-from fastmath_nemo.utils.distributed import barrier, is_rank0
+from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,17 @@ class CheckpointManager:
                 logger.warning("removed %s, left by a killed run", path)
 
     def _write(self, policy: Any, target: Path, state: dict[str, Any]) -> None:
-        """Rank 0 writes; every rank waits until the directory is complete."""
-        if is_rank0():
-            with atomic_directory(target) as tmp:
-                policy.save(tmp, extra_state=state)
+        """Rank 0 writes; every rank waits until the directory is complete. A policy whose
+        weights are sharded over ranks (``saves_collectively``) is saved by every rank into
+        rank 0's temporary directory, which is then completed and renamed as usual."""
+        collective = getattr(policy, "saves_collectively", False)
+        with atomic_directory(target) if is_rank0() else contextlib.nullcontext() as tmp:
+            if collective:
+                policy.save(Path(str(broadcast_object(str(tmp)))), extra_state=state)
+                barrier()
+            if is_rank0():
+                if not collective:
+                    policy.save(tmp, extra_state=state)
                 self.tokenizer.save_pretrained(str(tmp))
                 mark_complete(tmp)
         barrier()

@@ -205,6 +205,9 @@ def _validate_megatron(cfg: s.Config) -> None:
         _error("policy.megatron.context_parallel_size", f"> 1 needs the Transformer Engine layer spec: {TE_INSTALL}")
     if m.sequence_parallel and m.tensor_parallel_size == 1:
         _error("policy.megatron.sequence_parallel", "only applies with tensor_parallel_size > 1")
+    if m.sequence_parallel and not has_te:
+        _error("policy.megatron.sequence_parallel", "needs the Transformer Engine layer spec (the local "
+               f"spec's torch norms do not support it): {TE_INSTALL}")
     shape = _model_shape(cfg)
     if shape is not None:
         heads, kv_heads, layers = shape
@@ -219,8 +222,6 @@ def _validate_megatron(cfg: s.Config) -> None:
     if world % model_parallel:
         _error("policy.megatron.tensor_parallel_size",
                f"WORLD_SIZE={world} is not divisible by TP x PP x CP = {model_parallel}")
-    _error("policy.backend", "'megatron' passes these checks but the SFT and GRPO stages do not run it yet; "
-           "use 'torch'")
 
 
 def _model_shape(cfg: s.Config) -> tuple[int, int, int] | None:

@@ -48,6 +48,33 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
+# Model-parallel backends (megatron) set the data-parallel group: tensor- and pipeline-parallel
+# peers must see the same rows, so data is split over data-parallel ranks only.
+_data_parallel_group: dist.ProcessGroup | None = None
+
+
+def set_data_parallel_group(group: dist.ProcessGroup | None) -> None:
+    global _data_parallel_group
+    _data_parallel_group = group
+
+
+def data_parallel_rank() -> int:
+    return dist.get_rank(_data_parallel_group) if _data_parallel_group is not None else rank()
+
+
+def data_parallel_size() -> int:
+    return dist.get_world_size(_data_parallel_group) if _data_parallel_group is not None else world_size()
+
+
+def broadcast_object(value: object, src: int = 0) -> object:
+    """``value`` as rank ``src`` has it, on every rank; the value itself for world 1."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def resolve_device(name: DeviceName | str) -> torch.device:
     """``cpu`` -> cpu; ``cuda`` -> ``cuda:<LOCAL_RANK>`` (error if CUDA is unavailable);
     ``auto`` -> cuda when available, else cpu."""
@@ -125,24 +152,24 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_objects(items: list) -> list:
-    """Concatenate every rank's ``items`` (rank order); the list itself for world 1."""
-    if not _initialized() or dist.get_world_size() == 1:
+    """Concatenate every data-parallel rank's ``items`` (rank order); the list itself for one."""
+    if not _initialized() or data_parallel_size() == 1:
         return items
-    gathered: list[list] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, items)
+    gathered: list[list] = [[] for _ in range(data_parallel_size())]
+    dist.all_gather_object(gathered, items, group=_data_parallel_group)
     return [item for part in gathered for item in part]
 
 
 def shard(items: list, *, drop_remainder: bool = False) -> list:
-    """This rank's share of ``items``: every world-th element starting at its rank.
+    """This data-parallel rank's share of ``items``: every n-th element from its rank.
 
-    drop_remainder: first trim to a multiple of the world size, so all ranks get equal shares
-    (needed where ranks must run the same number of collective steps, e.g. DDP backward).
+    drop_remainder: first trim to a multiple of the data-parallel size, so all ranks get equal
+    shares (needed where ranks must run the same number of collective steps, e.g. backward).
     """
-    n = world_size()
+    n = data_parallel_size()
     if drop_remainder:
         items = items[: len(items) - len(items) % n]
-    return items[rank() :: n]
+    return items[data_parallel_rank() :: n]
 
 
 def seed_everything(seed: int) -> None:

@@ -166,7 +166,6 @@ def test_invalid_choice_names_the_key_and_the_choices():
         (["sft.optimizer.betas=[0.9]"], "sft.optimizer.betas"),
         (["grpo.rewards=[{name: nope}]"], "grpo.rewards[0].name"),
         (["data.source=files"], "data.sft_path"),
-        (["policy.backend=megatron"], "policy.backend"),
     ],
 )
 def test_impossible_combinations_name_the_key(overrides, key):
@@ -298,6 +297,8 @@ def test_model_preset_choices_and_exclusivity():
         (["policy.megatron.attention_backend=te"], "policy.megatron.attention_backend", "Transformer Engine"),
         (["policy.megatron.context_parallel_size=2"], "policy.megatron.context_parallel_size", "Transformer Engine"),
         (["policy.megatron.sequence_parallel=true"], "policy.megatron.sequence_parallel", "tensor_parallel_size > 1"),
+        (["policy.megatron.sequence_parallel=true", "policy.megatron.tensor_parallel_size=2"],
+         "policy.megatron.sequence_parallel", "Transformer Engine"),
         (["policy.megatron.fp8_recipe=mxfp8"], "policy.megatron.fp8_recipe", "not one of"),
     ],
 )

@@ -39,6 +39,9 @@ Training (module ``torch`` proxied):
   (loss scale, found-inf flag, grad norm). ``clip_grad_by_total_norm_fp32`` asserts every grad
   is a ``torch.cuda.FloatTensor``: optimizer.py's reference to it is replaced by the same
   scaling without the assertion.
+- ``dist_checkpointing.strategies.filesystem_async``, ``...state_dict_saver``: a distributed
+  checkpoint copies tensors to the host after ``torch.cuda.synchronize()`` and all-reduces its
+  failure flag in a tensor on ``current_device()``.
 
 Tensor methods, which no module proxy reaches (``Tensor.cuda()`` returns the tensor itself and
 ``Tensor.type()`` names a CPU tensor by its CUDA type, only while these methods run):
@@ -79,6 +82,9 @@ _PATCHED_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
+    # distributed checkpoints: tensors are "preloaded" to the host after torch.cuda.synchronize()
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 _CPU = torch.device("cpu")
 _enabled = False

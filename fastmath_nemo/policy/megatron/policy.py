@@ -33,7 +33,8 @@ from fastmath_nemo.policy.megatron.convert import gather_hf_weights
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
-from fastmath_nemo.policy.torch_policy import NonFiniteLossError, cosine_with_warmup
+from fastmath_nemo.policy.torch_policy import TRAINER_STATE, NonFiniteLossError, cosine_with_warmup
+from fastmath_nemo.utils.distributed import barrier, is_rank0, set_data_parallel_group
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class MegatronPolicy:
         if not self.on_gpu:
             enable_cpu_compat()
         init_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed)
+        from megatron.core import parallel_state
+
+        set_data_parallel_group(parallel_state.get_data_parallel_group())
+        self.model_dir = Path(model_dir)
+        self.seed = seed
         self.cfg = cfg
         self.temperature = temperature
         self.params_dtype = params_dtype
@@ -222,8 +228,59 @@ class MegatronPolicy:
     # -- weights -----------------------------------------------------------------------------
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full Hugging Face-named tensors, one decoder layer at a time, on every rank
-        (TP shards all-gathered, pipeline stages broadcast)."""
+        (TP shards all-gathered, pipeline stages broadcast). A collective: every rank iterates."""
         return gather_hf_weights(self.model, self.hf_config)
+
+    def frozen_copy(self) -> "MegatronPolicy":
+        """A reference policy for the KL term: the same layout and weights, no optimizer."""
+        copy = MegatronPolicy(self.model_dir, self.cfg, temperature=self.temperature,
+                              params_dtype=self.params_dtype, seed=self.seed)
+        copy.model.load_state_dict(self.model.state_dict())
+        copy.ddp.requires_grad_(False)
+        return copy
+
+    # -- checkpoints -------------------------------------------------------------------------
+    # CheckpointManager calls save() on every rank with the same directory (a collective).
+    saves_collectively = True
+
+    def _sharded_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model.sharded_state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.sharded_state_dict(self.model.sharded_state_dict())
+        return state
+
+    def save(self, directory: Path, extra_state: dict | None = None) -> None:
+        """A Hugging Face folder (rank 0: safetensors + config, for the next stage, evaluation
+        and vLLM) plus ``megatron/``, a distributed checkpoint of the model and optimizer
+        shards that loads into another TP / PP / DP layout, plus the loop state."""
+        from megatron.core import dist_checkpointing
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        weights = {name: tensor.cpu().clone() for name, tensor in self.export_weights()}
+        if is_rank0():
+            if self.hf_config.tie_word_embeddings:
+                weights.pop("lm_head.weight", None)
+            save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+            self.hf_config.save_pretrained(str(directory))
+            torch.save({"extra": extra_state or {}, "step": self.step}, directory / TRAINER_STATE)
+            (directory / "megatron").mkdir()
+        del weights
+        barrier()
+        dist_checkpointing.save(self._sharded_state(), str(directory / "megatron"))
+
+    def load(self, directory: Path) -> dict:
+        """Weights and optimizer state from ``save`` (any layout); returns the loop state."""
+        from megatron.core import dist_checkpointing
+
+        directory = Path(directory)
+        loaded = dist_checkpointing.load(self._sharded_state(), str(directory / "megatron"))
+        self.model.load_state_dict(loaded["model"])
+        if self.optimizer is not None and "optimizer" in loaded:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        state = torch.load(directory / TRAINER_STATE, weights_only=False)
+        self.step = int(state.get("step", 0))
+        return state.get("extra", {})
 
 
 def _same_shape(micro_batches: list[Batch]) -> list[Batch]:

@@ -3,7 +3,8 @@
 ``_policy_worker.py --tp T --pp P --model M --folder DIR --out result.json``: every rank builds a
 MegatronPolicy of layout (T, P, DP = 2 / (T * P)) from the HF folder, takes one SFT step on
 four rows (two micro-batches; under DP each rank takes one of them), and compares the
-loss and the gathered weights with a single-process TorchPolicy step on the same rows.
+loss and the gathered weights with a single-process TorchPolicy step on the same rows;
+with ``--save DIR`` it then saves the policy there (every rank takes part).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--folder", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save", help="after the step, save a checkpoint (HF + distributed) here")
     args = parser.parse_args()
 
     policy = MegatronPolicy(args.folder, MegatronConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
@@ -65,6 +67,11 @@ def main() -> None:
         "weight_diff": max(float((weights[k] - expected[k]).abs().max()) for k in expected),
         "names_match": sorted(weights) == sorted(expected),
     }
+    if args.save:
+        if rank == 0:
+            Path(args.save).mkdir(parents=True)
+        dist.barrier()
+        policy.save(Path(args.save), extra_state={"step": 1})
     gathered: list = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:

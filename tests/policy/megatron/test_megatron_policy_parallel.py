@@ -28,17 +28,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize(("tp", "pp", "model"), [(2, 1, "qwen2"), (1, 2, "llama"), (1, 1, "qwen3")],
-                         ids=["tp2-qwen2", "pp2-llama", "dp2-qwen3"])
-def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: int, model: str) -> None:
+def _run_worker(tmp_path: Path, tp: int, pp: int, model: str, *extra: str) -> list[dict]:
     folder, out = tmp_path / "model", tmp_path / "result.json"
     tiny_hf_model(model).save_pretrained(str(folder))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(WORKER), "--tp", str(tp), "--pp", str(pp), "--model", model, "--folder", str(folder), "--out", str(out)]
+           str(WORKER), "--tp", str(tp), "--pp", str(pp), "--model", model, "--folder", str(folder), "--out", str(out),
+           *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    cases = json.loads(out.read_text())["cases"]
+    return json.loads(out.read_text())["cases"]
+
+
+@pytest.mark.parametrize(("tp", "pp", "model"), [(2, 1, "qwen2"), (1, 2, "llama"), (1, 1, "qwen3")],
+                         ids=["tp2-qwen2", "pp2-llama", "dp2-qwen3"])
+def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: int, model: str) -> None:
+    cases = _run_worker(tmp_path, tp, pp, model)
     assert len(cases) == 2 and all(c["dp"] == 2 // (tp * pp) for c in cases)
     for case in cases:
         assert case["names_match"], case
@@ -47,3 +52,28 @@ def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: in
         assert case["weight_diff"] <= 1e-5, case
         if case["loss_diff"] is not None:
             assert case["loss_diff"] <= 1e-5, case
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1_and_exports_to_hf(tmp_path: Path) -> None:
+    """The distributed checkpoint reshards (TP=2 -> TP=1) and the HF export is the same model."""
+    import torch
+
+    from fastmath_nemo.batch import batch_from_sequences
+    from fastmath_nemo.config.schema import MegatronConfig
+    from fastmath_nemo.policy.megatron.policy import MegatronPolicy
+    from fastmath_nemo.policy.models import load_pretrained
+    from fastmath_nemo.policy.torch_policy import TorchPolicy
+
+    saved = tmp_path / "checkpoint"
+    _run_worker(tmp_path, 2, 1, "qwen2", "--save", str(saved))
+    assert (saved / "model.safetensors").exists() and (saved / "megatron").is_dir()
+
+    exported = TorchPolicy(load_pretrained(saved), torch.device("cpu"), temperature=0.7)
+    policy = MegatronPolicy(tmp_path / "model", MegatronConfig(attention_backend="sdpa"), temperature=0.7)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 96, (10,), generator=gen).tolist() for _ in range(3)]
+    batch = batch_from_sequences(seqs, [[1] * 10 for _ in seqs], pad_id=0)
+    before = policy.logprobs(batch)  # the initial weights
+    assert (before - exported.logprobs(batch)).abs().max() > 1e-4  # the step changed the model
+    assert policy.load(saved)["step"] == 1
+    assert (policy.logprobs(batch) - exported.logprobs(batch)).abs().max() <= 1e-5
