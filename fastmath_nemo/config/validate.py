@@ -192,6 +192,9 @@ def _validate_megatron(cfg: s.Config) -> None:
         _error("policy.backend", f"megatron needs megatron-core, which is not installed: {MEGATRON_INSTALL}")
     has_te = importlib.util.find_spec("transformer_engine") is not None
     wants_te = m.transformer_impl == "transformer_engine" or m.attention_backend == "te"
+    if m.transformer_impl == "local" and m.attention_backend == "te":
+        _error("policy.megatron.attention_backend", "'te' is Transformer Engine's layer spec; "
+               "transformer_impl=local asks for megatron's own")
     if wants_te and not has_te:
         _error("policy.megatron.transformer_impl" if m.transformer_impl == "transformer_engine"
                else "policy.megatron.attention_backend", f"needs Transformer Engine: {TE_INSTALL}")

@@ -39,13 +39,17 @@ from fastmath_nemo.utils.distributed import barrier, is_rank0, set_data_parallel
 logger = logging.getLogger(__name__)
 
 
-def resolve_attention_backend(name: str) -> str:
-    """``auto``: Transformer Engine's fused attention where TE is installed, else SDPA."""
-    if name != "auto":
-        return name
+def resolve_attention_backend(name: str, transformer_impl: str = "auto") -> str:
+    """The layer spec to build: Transformer Engine's (``te``) when asked for by either key or,
+    for ``auto``, where TE is installed (and ``transformer_impl`` is not ``local``); else SDPA."""
     import importlib.util
 
-    return "te" if importlib.util.find_spec("transformer_engine") is not None else "sdpa"
+    if transformer_impl == "transformer_engine":
+        return "te"
+    if name != "auto":
+        return name
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    return "te" if has_te and transformer_impl != "local" else "sdpa"
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
@@ -102,7 +106,11 @@ class MegatronPolicy:
             self.hf_config, tp=cfg.tensor_parallel_size, pp=cfg.pipeline_parallel_size, params_dtype=params_dtype,
             sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute_activations,
         )
-        spec = gpt_layer_spec(resolve_attention_backend(cfg.attention_backend),
+        if cfg.fp8 is not None:
+            # FP8 GEMMs are Transformer Engine's (validation demands TE and an FP8 GPU); the
+            # config carries the choice, the TE layer spec applies it.
+            self.tcfg.fp8, self.tcfg.fp8_recipe = cfg.fp8, cfg.fp8_recipe
+        spec = gpt_layer_spec(resolve_attention_backend(cfg.attention_backend, cfg.transformer_impl),
                               qk_layernorm=self.hf_config.model_type == "qwen3")
         model = build_gpt_model(self.hf_config, self.tcfg, spec)
         if self.on_gpu:

@@ -120,3 +120,19 @@ def test_padded_vocabulary_is_left_out_of_the_softmax():
     got = token_logprobs(logits.clone(), ids, vocab_size=6, temperature=1.0)
     torch.testing.assert_close(got[:, 1:], want)
     assert torch.equal(got[:, 0], torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("attention", "impl", "has_te", "spec"),
+    [("auto", "auto", False, "sdpa"), ("auto", "auto", True, "te"), ("auto", "local", True, "sdpa"),
+     ("unfused", "auto", True, "unfused"), ("sdpa", "transformer_engine", True, "te")],
+)
+def test_the_layer_spec_follows_attention_backend_and_transformer_impl(monkeypatch, attention, impl, has_te, spec):
+    import importlib.util
+
+    from fastmath_nemo.policy.megatron.policy import resolve_attention_backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if has_te else None) if name == "transformer_engine" else real(name, *a))
+    assert resolve_attention_backend(attention, impl) == spec

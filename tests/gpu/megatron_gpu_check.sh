@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU check of the Megatron backend, for a ~10-minute window on one H100/H200 with no internet
+# (Python 3.12 and CUDA torch preinstalled). Missing packages arrive as wheels in .whl/:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       megatron-core==0.19.2 omegaconf antlr4-python3-runtime==4.13.2 math-verify latex2sympy2_extended \
+#       datasets dill multiprocess
+#   bash tests/gpu/megatron_gpu_check.sh      (logs to $OUT when set, else ./gpu-logs)
+# It runs the megatron-marked tests (on CPU ranks with gloo: they compare against CPU
+# references), then the bf16 SFT benchmark of the Megatron backend against the PyTorch one on
+# a 0.9B Llama-shaped model with packed 4k rows, and FP8 against bf16 where Transformer Engine
+# is installed.
+set -uo pipefail
+out=${OUT:-gpu-logs}; mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+python3 -c "import sys, torch, megatron.core as m; print('python', sys.version.split()[0], 'torch', torch.__version__, 'megatron-core', m.__version__)" | tee -a "$out/device.txt"
+
+echo "== megatron tests"
+CUDA_VISIBLE_DEVICES= timeout 240 python3 -m pytest -q -p no:cacheprovider -m megatron tests/policy/megatron 2>&1 \
+  | tail -n 15 | tee "$out/megatron_tests.txt"
+
+echo "== SFT throughput: Megatron backend vs PyTorch backend, 0.9B, bf16, packed 4k rows"
+timeout 300 python3 benchmarks/megatron_sft_throughput.py --preset 1b --device cuda --dtype bfloat16 --steps 6 2>&1 \
+  | grep -v -i warn | tee "$out/megatron_throughput.txt"
