@@ -221,7 +221,7 @@ class MegatronPolicy:
         if results:
             totals = {k: sum(float(r[k]) for r in results) / len(results) for k in results[0]}
         totals = _from_last_stage(totals)
-        if not all(torch.isfinite(torch.tensor(v)) for v in totals.values()):
+        if not _everywhere(all(torch.isfinite(torch.tensor(v)) for v in totals.values())):
             self.optimizer.zero_grad()
             raise NonFiniteLossError(f"non-finite loss metrics {totals}")
         totals["lr"] = self._set_lr()
@@ -310,3 +310,14 @@ def _from_last_stage(value: Any) -> Any:
     dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                group=parallel_state.get_pipeline_model_parallel_group())
     return box[0]
+
+
+def _everywhere(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (a data-parallel peer may see a non-finite loss
+    alone; all ranks must then skip the step together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    value = torch.tensor([1 if flag else 0], device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
