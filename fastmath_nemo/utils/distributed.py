@@ -58,12 +58,19 @@ def set_data_parallel_group(group: dist.ProcessGroup | None) -> None:
     _data_parallel_group = group
 
 
+def _dp_group() -> dist.ProcessGroup | None:
+    """The data-parallel group while its process group lives (else None: the whole world)."""
+    return _data_parallel_group if _data_parallel_group is not None and _initialized() else None
+
+
 def data_parallel_rank() -> int:
-    return dist.get_rank(_data_parallel_group) if _data_parallel_group is not None else rank()
+    group = _dp_group()
+    return dist.get_rank(group) if group is not None else rank()
 
 
 def data_parallel_size() -> int:
-    return dist.get_world_size(_data_parallel_group) if _data_parallel_group is not None else world_size()
+    group = _dp_group()
+    return dist.get_world_size(group) if group is not None else world_size()
 
 
 def broadcast_object(value: object, src: int = 0) -> object:
@@ -156,7 +163,7 @@ def all_gather_objects(items: list) -> list:
     if not _initialized() or data_parallel_size() == 1:
         return items
     gathered: list[list] = [[] for _ in range(data_parallel_size())]
-    dist.all_gather_object(gathered, items, group=_data_parallel_group)
+    dist.all_gather_object(gathered, items, group=_dp_group())
     return [item for part in gathered for item in part]
 
 

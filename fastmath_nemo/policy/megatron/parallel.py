@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
+from fastmath_nemo.utils.distributed import set_data_parallel_group
 
 _owns_process_group = False
 
@@ -54,9 +55,10 @@ def _init_process_group() -> None:
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         dist.init_process_group(backend=backend, init_method="env://")
     else:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend=backend, init_method="env://", rank=0, world_size=1)
+        # A world of one on a fresh port, passed directly: setting MASTER_PORT in the
+        # environment would leak into child processes, which then collide on the port.
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                world_size=1)
     _owns_process_group = True
 
 
@@ -92,6 +94,7 @@ def init_model_parallel(tp: int, pp: int, seed: int) -> None:
 def destroy_model_parallel() -> None:
     """Drop megatron's groups; also the process group if :func:`init_model_parallel` made it."""
     global _owns_process_group
+    set_data_parallel_group(None)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if _owns_process_group and dist.is_initialized():

@@ -41,10 +41,13 @@ def main() -> None:
     parser.add_argument("--folder", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", help="after the step, save a checkpoint (HF + distributed) here")
+    parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--recompute", action="store_true")
     args = parser.parse_args()
 
-    policy = MegatronPolicy(args.folder, MegatronConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
-                                                        attention_backend="sdpa"), temperature=0.7)
+    cfg = MegatronConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, attention_backend="sdpa",
+                         distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute)
+    policy = MegatronPolicy(args.folder, cfg, temperature=0.7)
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (12, 12, 12, 12)]
     batch = batch_from_sequences(seqs, [[0] * 3 + [1] * 9 for _ in seqs], pad_id=0)
