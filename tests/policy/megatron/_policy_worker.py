@@ -27,6 +27,7 @@ from _megatron_tiny import tiny_hf_model  # noqa: E402
 from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
 from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig  # noqa: E402
+from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel  # noqa: E402
 from fastmath_nemo.policy.megatron.policy import MegatronPolicy  # noqa: E402
 from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
 
@@ -79,6 +80,9 @@ def main() -> None:
     dist.all_gather_object(gathered, result)
     if rank == 0:
         Path(args.out).write_text(json.dumps({"cases": gathered}))
+    # Tear the groups down before exit: gloo's threads still running at interpreter
+    # shutdown can abort the process ("terminate called without an active exception").
+    destroy_model_parallel()
 
 
 if __name__ == "__main__":
