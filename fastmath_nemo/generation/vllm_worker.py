@@ -18,33 +18,27 @@ def unpack_tensor(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
     return raw.view(getattr(torch, dtype)).reshape(shape)
 
 
-class RefitExtension:
-    """Weight refit for engines whose workers live in other processes (TP > 1, or
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=1``): one bucket of packed tensors per call."""
+class WorkerExtension:
+    """What ``VLLMGenerator`` mixes into vLLM's workers (``self`` is a vLLM worker)."""
 
     def load_weight_bucket(self, names: list[str], packed: list[tuple[bytes, str, list[int]]]) -> None:
+        """Refit for engines whose workers live in other processes (TP > 1, or
+        ``VLLM_ENABLE_V1_MULTIPROCESSING=1``): one bucket of packed tensors per call."""
         weights = [(name, unpack_tensor(*p)) for name, p in zip(names, packed)]
         self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
 
-
-class TiedHeadRefresh:
-    """After a reload, re-derive what vLLM computed from the tied output head's weight.
-
-    With tied embeddings the output head (``lm_head``) shares the embedding's weight and is
-    never loaded itself, so the reload restores its old derived tensors: on CPU, the GEMM
-    kernel's pre-packed copy of the weight. The stale copy made logits wrong after every
-    refit (max logprob error 1e-2 for a perturbed embedding; found by comparing with the
-    trainer). Redoing the layer's weight processing re-packs the new weight.
-    """
-
     def refresh_tied_lm_head(self) -> bool:
+        """After a reload, re-derive what vLLM computed from the tied output head's weight.
+
+        With tied embeddings the output head (``lm_head``) shares the embedding's weight and
+        is never loaded itself, so the reload restores its old derived tensors: on CPU, the
+        GEMM kernel's pre-packed copy of the weight. The stale copy made logits wrong after
+        every refit (max logprob error 1e-2 for a perturbed embedding; found by comparing with
+        the trainer). Redoing the layer's weight processing re-packs the new weight.
+        """
         model = self.model_runner.model  # type: ignore[attr-defined]
         head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
         if head is None or embed is None or head.weight.data_ptr() != embed.weight.data_ptr():
             return False
         head.quant_method.process_weights_after_loading(head)
         return True
-
-
-class WorkerExtension(RefitExtension, TiedHeadRefresh):
-    """What ``VLLMGenerator`` mixes into vLLM's workers."""

@@ -73,12 +73,13 @@ def data_parallel_size() -> int:
     return dist.get_world_size(group) if group is not None else world_size()
 
 
-def broadcast_object(value: object, src: int = 0) -> object:
-    """``value`` as rank ``src`` has it, on every rank; the value itself for world 1."""
-    if not _initialized() or dist.get_world_size() == 1:
+def broadcast_object(value: object, src: int = 0, group: dist.ProcessGroup | None = None) -> object:
+    """``value`` as (global) rank ``src`` has it, on every rank of ``group`` (default: all);
+    the value itself for a group of one."""
+    if not _initialized() or dist.get_world_size(group) == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 

@@ -34,7 +34,7 @@ from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
 from fastmath_nemo.policy.torch_policy import TRAINER_STATE, NonFiniteLossError, cosine_with_warmup
-from fastmath_nemo.utils.distributed import barrier, is_rank0, set_data_parallel_group
+from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0, set_data_parallel_group
 
 logger = logging.getLogger(__name__)
 
@@ -304,12 +304,8 @@ def _from_last_stage(value: Any) -> Any:
     """``value`` as held by the last pipeline stage, on every stage of this pipeline."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                               group=parallel_state.get_pipeline_model_parallel_group())
-    return box[0]
+    return broadcast_object(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                            group=parallel_state.get_pipeline_model_parallel_group())
 
 
 def _everywhere(flag: bool) -> bool:
