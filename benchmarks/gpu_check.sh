@@ -2,12 +2,7 @@
 # GPU checks for the PyTorch backend, for a short window on one H100/H200 with no internet:
 # packages that the GPU image lacks arrive as wheels in .whl/ (see docs/gpu.md).
 #   bash benchmarks/gpu_check.sh            (writes logs to $OUT when set, else ./gpu-logs)
-set -uo pipefail
-out=${OUT:-gpu-logs}; mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
+source benchmarks/gpu_env.sh
 
 echo "== CPU + CUDA unit tests (not the slow end-to-end ones)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests -m "not slow" \

@@ -16,7 +16,6 @@ Prints tokens/s, MFU and the ratios against the baseline, and the machine. One G
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import platform
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sft_throughput import PEAK_TFLOPS, build, flops_per_token, time_steps  # noqa: E402
+from sft_throughput import PEAK_TFLOPS, build, flops_per_token, parse_args, random_documents, time_steps  # noqa: E402
 
 from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig  # noqa: E402
@@ -44,19 +43,14 @@ def fp8_available() -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["tiny", "1b"], default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--steps", type=int, default=6)
-    args = parser.parse_args()
+    args = parse_args(__doc__.splitlines()[0])
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     model, spec = build(args.preset, device)
-    *_, vocab, row_tokens, rows, doc_tokens = spec
+    *_, row_tokens, rows, doc_tokens = spec
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     flops = flops_per_token(model, spec, doc_tokens)
-    docs = [torch.randint(0, vocab, (doc_tokens,)).tolist() for _ in range(rows * row_tokens // doc_tokens)]
+    docs = random_documents(spec)
     batch = pack_examples([(d, [1] * len(d)) for d in docs], max_len=row_tokens, pad_id=0)
     loss_fn = functools.partial(sft_loss, num_target_tokens=float(batch.loss_mask.sum()))
     tokens = rows * row_tokens
@@ -68,9 +62,9 @@ def main() -> None:
         model.float()
         baseline = TorchPolicy(model, device, compute_dtype=dtype)
         baseline.setup_optimizer(optimizer, total_steps=args.steps + 1)
-        results.append(("TorchPolicy (transformers, SDPA)", time_steps(lambda: baseline.train_step([batch], loss_fn),
-                                                                      args.steps, device)))
-        del baseline, model
+        step = functools.partial(baseline.train_step, [batch], loss_fn)
+        results.append(("TorchPolicy (transformers, SDPA)", time_steps(step, args.steps, device)))
+        del baseline, model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -81,8 +75,9 @@ def main() -> None:
         for label, cfg in variants:
             policy = MegatronPolicy(folder, cfg, params_dtype=dtype)
             policy.setup_optimizer(optimizer, total_steps=args.steps + 1)
-            results.append((label, time_steps(lambda: policy.train_step([batch], loss_fn), args.steps, device)))
-            del policy
+            step = functools.partial(policy.train_step, [batch], loss_fn)
+            results.append((label, time_steps(step, args.steps, device)))
+            del policy, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

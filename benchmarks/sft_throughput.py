@@ -66,18 +66,29 @@ def time_steps(step, n_steps: int, device: torch.device) -> float:
     return statistics.median(times[1:])  # the first step includes allocator warm-up
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def parse_args(description: str) -> argparse.Namespace:
+    """--preset, --device, --dtype, --steps (shared with megatron_sft_throughput.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=6)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def random_documents(spec: tuple) -> list[list[int]]:
+    """Enough random documents of the preset's length to fill its rows exactly."""
+    *_, vocab, row_tokens, rows, doc_tokens = spec
+    return [torch.randint(0, vocab, (doc_tokens,)).tolist() for _ in range(rows * row_tokens // doc_tokens)]
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     model, spec = build(args.preset, device)
     *_, vocab, row_tokens, rows, doc_tokens = spec
-    docs = [torch.randint(0, vocab, (doc_tokens,)).tolist() for _ in range(rows * row_tokens // doc_tokens)]
+    docs = random_documents(spec)
     tokens = rows * row_tokens
 
     # Baseline: the plain transformers loop on the same tokens, one document per row.

@@ -9,12 +9,8 @@
 # references), then the bf16 SFT benchmark of the Megatron backend against the PyTorch one on
 # a 0.9B Llama-shaped model with packed 4k rows, and FP8 against bf16 where Transformer Engine
 # is installed.
-set -uo pipefail
-out=${OUT:-gpu-logs}; mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-python3 -c "import sys, torch, megatron.core as m; print('python', sys.version.split()[0], 'torch', torch.__version__, 'megatron-core', m.__version__)" | tee -a "$out/device.txt"
+source benchmarks/gpu_env.sh
+python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" | tee -a "$out/device.txt"
 
 echo "== megatron tests"
 CUDA_VISIBLE_DEVICES= timeout 240 python3 -m pytest -q -p no:cacheprovider -m megatron tests/policy/megatron 2>&1 \
