@@ -208,9 +208,6 @@ def _validate_megatron(cfg: s.Config) -> None:
         _error("policy.megatron.context_parallel_size", f"> 1 needs the Transformer Engine layer spec: {TE_INSTALL}")
     if m.sequence_parallel and m.tensor_parallel_size == 1:
         _error("policy.megatron.sequence_parallel", "only applies with tensor_parallel_size > 1")
-    if m.sequence_parallel and not has_te:
-        _error("policy.megatron.sequence_parallel", "needs the Transformer Engine layer spec (the local "
-               f"spec's torch norms do not support it): {TE_INSTALL}")
     shape = _model_shape(cfg)
     if shape is not None:
         heads, kv_heads, layers = shape

@@ -297,8 +297,6 @@ def test_model_preset_choices_and_exclusivity():
         (["policy.megatron.attention_backend=te"], "policy.megatron.attention_backend", "Transformer Engine"),
         (["policy.megatron.context_parallel_size=2"], "policy.megatron.context_parallel_size", "Transformer Engine"),
         (["policy.megatron.sequence_parallel=true"], "policy.megatron.sequence_parallel", "tensor_parallel_size > 1"),
-        (["policy.megatron.sequence_parallel=true", "policy.megatron.tensor_parallel_size=2"],
-         "policy.megatron.sequence_parallel", "Transformer Engine"),
         (["policy.megatron.fp8_recipe=mxfp8"], "policy.megatron.fp8_recipe", "not one of"),
     ],
 )

@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from fastmath_nemo.policy.megatron.norm import SequenceParallelRMSNorm
 from fastmath_nemo.policy.megatron.parallel import check_layout
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -168,7 +169,8 @@ def gpt_layer_spec(attention_backend: str, qk_layernorm: bool) -> ModuleSpec:
     - ``te``: Transformer Engine's spec (fused norms/linears, FP8-capable); needs
       ``transformer_engine`` importable.
 
-    Note that the local spec's norms (``WrappedTorchNorm``) do not support sequence parallelism.
+    The local specs' norms are :class:`SequenceParallelRMSNorm` (megatron's ``WrappedTorchNorm``
+    refuses sequence parallelism).
     """
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend {attention_backend!r} not in {ATTENTION_BACKENDS}")
@@ -185,6 +187,10 @@ def gpt_layer_spec(attention_backend: str, qk_layernorm: bool) -> ModuleSpec:
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if qk_layernorm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
     if attention_backend == "sdpa":
         from fastmath_nemo.policy.megatron.sdpa_attention import SDPAAttention
 

@@ -4,8 +4,8 @@ megatron-core assumes a GPU in a few places that a CPU model walks through. Each
 here and nowhere else. Mostly inside megatron's own modules: their global name ``torch`` is
 replaced by :class:`_TorchOnCpu`, a proxy that forwards everything to the real ``torch`` except
 a few ``torch.cuda`` calls and literal ``device="cuda"`` arguments; torch itself, transformers
-and this project see no change. Each entry was found by running without it (TP=2, PP=2, DP=2
-under gloo; fp32 and bf16; forward, and a training step with megatron's DDP and optimizer).
+and this project see no change. Each entry was found by running without it (TP=2 with and without
+sequence parallelism, PP=2, DP=2 under gloo; fp32 and bf16; forward, and a training step with megatron's DDP and optimizer).
 
 Model and schedules (module ``torch`` proxied):
 
@@ -21,6 +21,8 @@ Model and schedules (module ``torch`` proxied):
   ``torch.cuda.current_device()`` on the first forward.
 - ``tensor_parallel.mappings``: TP all-gathers (``runtime_gather_output``, sequence parallel)
   allocate on ``current_device()``.
+- ``tensor_parallel.layers``: under sequence parallelism the linears' backward allocates the
+  reduce-scattered input gradient on ``current_device()``.
 - ``utils``: ``GlobalMemoryBuffer`` (the unfused attention's score buffer) allocates on
   ``current_device()``.
 - ``transformer.utils``: the unfused attention's default causal mask is
@@ -75,6 +77,7 @@ _PATCHED_MODULES = (
     "megatron.core.tensor_parallel.random",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.transformer.utils",

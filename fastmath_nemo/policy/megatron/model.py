@@ -11,11 +11,12 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from torch import Tensor
 
 from fastmath_nemo.policy.megatron.config import rope_settings
 from fastmath_nemo.policy.megatron.convert import hf_to_mcore, padded_vocab_size, te_names
+from fastmath_nemo.policy.megatron.norm import SequenceParallelRMSNorm
 
 
 def build_gpt_model(
@@ -33,10 +34,13 @@ def build_gpt_model(
     (``parallel_output=True``): ``[b, s, V_pad / tp]`` unless ``runtime_gather_output=True``;
     ``V_pad`` is the HF vocabulary rounded up to a multiple of TP (``padded_vocab_size``).
     """
-    if tcfg.sequence_parallel and layer_spec.submodules.input_layernorm is WrappedTorchNorm:
-        raise ValueError(
-            "sequence_parallel needs attention_backend='te': megatron-core's torch norms "
-            "(the local spec without apex) do not support sequence parallelism"
+    spec: ModuleSpec | TransformerBlockSubmodules = layer_spec
+    if layer_spec.submodules.input_layernorm is SequenceParallelRMSNorm:
+        # The local spec: the final norm must be ours too (GPTModel would add WrappedTorchNorm,
+        # which refuses sequence parallelism), so hand GPTModel the whole block.
+        spec = TransformerBlockSubmodules(
+            layer_specs=[layer_spec] * (tcfg.num_layers // tcfg.pipeline_model_parallel_size),
+            layer_norm=SequenceParallelRMSNorm,
         )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -45,7 +49,7 @@ def build_gpt_model(
     rope = rope_settings(hf_config)
     return GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(hf_config.vocab_size, tcfg.tensor_model_parallel_size),
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=pre_process,

@@ -175,6 +175,9 @@ class MegatronPolicy:
 
         if self.cfg.pipeline_parallel_size > 1:
             micro_batches = _same_shape(micro_batches)
+        if self.cfg.sequence_parallel:  # each TP rank holds width / TP positions between the linears
+            tp = self.cfg.tensor_parallel_size
+            micro_batches = [m.padded_to(m.num_rows, -(-m.width // tp) * tp) for m in micro_batches]
         micro_batches = [m.to(self.device) for m in micro_batches]
 
         def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):

@@ -1,6 +1,6 @@
-"""MegatronPolicy on two CPU ranks (torchrun, gloo) at TP=2, PP=2 and DP=2 (also with the
-distributed optimizer and activation recomputation): one SFT step gives the loss and updated
-weights of a single-process TorchPolicy step on the same rows."""
+"""MegatronPolicy on two CPU ranks (torchrun, gloo) at TP=2 (also with sequence parallelism),
+PP=2 and DP=2 (also with the distributed optimizer and activation recomputation): one SFT step
+gives the loss and updated weights of a single-process TorchPolicy step on the same rows."""
 
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ def _run_worker(tmp_path: Path, tp: int, pp: int, model: str, *extra: str) -> li
 
 @pytest.mark.parametrize(
     ("tp", "pp", "model", "flags"),
-    [(2, 1, "qwen2", ()), (1, 2, "llama", ()), (1, 1, "qwen3", ()),
+    [(2, 1, "qwen2", ()), (2, 1, "qwen3", ("--sequence-parallel",)), (1, 2, "llama", ()), (1, 1, "qwen3", ()),
      (1, 1, "qwen2", ("--distributed-optimizer", "--recompute"))],
-    ids=["tp2-qwen2", "pp2-llama", "dp2-qwen3", "dp2-qwen2-distributed-optimizer-recompute"],
+    ids=["tp2-qwen2", "tp2-sequence-parallel-qwen3", "pp2-llama", "dp2-qwen3",
+         "dp2-qwen2-distributed-optimizer-recompute"],
 )
 def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: int, model: str, flags) -> None:
     cases = _run_worker(tmp_path, tp, pp, model, *flags)
