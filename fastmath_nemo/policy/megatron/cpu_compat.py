@@ -44,6 +44,8 @@ Training (module ``torch`` proxied):
 - ``dist_checkpointing.strategies.filesystem_async``, ``...state_dict_saver``: a distributed
   checkpoint copies tensors to the host after ``torch.cuda.synchronize()`` and all-reduces its
   failure flag in a tensor on ``current_device()``.
+- ``optimizer.distrib_optimizer``: the distributed optimizer's checkpoint gathers its shards
+  into buffers on ``current_device()``; its load allocates its state there.
 
 Tensor methods, which no module proxy reaches (``Tensor.cuda()`` returns the tensor itself and
 ``Tensor.type()`` names a CPU tensor by its CUDA type, only while these methods run):
@@ -52,10 +54,10 @@ Tensor methods, which no module proxy reaches (``Tensor.cuda()`` returns the ten
   first and last stages all-reduce the shared matrix after ``weight.data.cuda()``.
 - ``Float16OptimizerWithFloat16Params.__init__`` (bf16) and ``DistributedOptimizer.__init__``
   accept only parameters whose ``type()`` is ``torch.cuda.{Float,Half,BFloat16}Tensor``.
+- ``DistributedOptimizer.get_parameter_state_dp_zero`` (checkpoint save) sends each shard
+  after ``send_tensor.cuda()``.
 
-Not covered (not run here): the distributed optimizer's checkpoint paths
-(``DistributedOptimizer.load_state_dict`` allocates on ``current_device()``, its gloo
-state gather calls ``.cuda()``), CUDA graphs, overlapped grad reduce (CUDA streams).
+Not covered (not run here): CUDA graphs, overlapped grad reduce (CUDA streams).
 
 :func:`enable_cpu_compat` is idempotent and does nothing at all when CUDA is available.
 """
@@ -85,6 +87,7 @@ _PATCHED_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
     # distributed checkpoints: tensors are "preloaded" to the host after torch.cuda.synchronize()
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
@@ -249,6 +252,7 @@ def enable_cpu_compat() -> bool:
     _run_as_if_on_cuda(optimizer.Float16OptimizerWithFloat16Params, "__init__")
     distrib_optimizer = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     _run_as_if_on_cuda(distrib_optimizer.DistributedOptimizer, "__init__")
+    _run_as_if_on_cuda(distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero")
     _enabled = True
     return True
 

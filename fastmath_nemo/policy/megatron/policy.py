@@ -32,6 +32,7 @@ from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_con
 from fastmath_nemo.policy.megatron.convert import gather_hf_weights
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
+from fastmath_nemo.policy.megatron.optimizer_state import checkpoint_metadata, finish_load, prepare_for_load
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
 from fastmath_nemo.policy.torch_policy import TRAINER_STATE, NonFiniteLossError, cosine_with_warmup
 from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0, set_data_parallel_group
@@ -254,16 +255,19 @@ class MegatronPolicy:
     # CheckpointManager calls save() on every rank with the same directory (a collective).
     saves_collectively = True
 
-    def _sharded_state(self) -> dict[str, Any]:
+    def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.sharded_state_dict()}
         if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.sharded_state_dict(self.model.sharded_state_dict())
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                self.model.sharded_state_dict(), is_loading=is_loading, metadata=checkpoint_metadata(self.optimizer)
+            )
         return state
 
     def save(self, directory: Path, extra_state: dict | None = None) -> None:
         """A Hugging Face folder (rank 0: safetensors + config, for the next stage, evaluation
         and vLLM) plus ``megatron/``, a distributed checkpoint of the model and optimizer
-        shards that loads into another TP / PP / DP layout, plus the loop state."""
+        shards that loads into another TP / PP / DP layout (the distributed optimizer over
+        torch's Adam: another DP size only, see ``optimizer_state``), plus the loop state."""
         from megatron.core import dist_checkpointing
         from safetensors.torch import save_file
 
@@ -278,17 +282,21 @@ class MegatronPolicy:
             (directory / "megatron").mkdir()
         del weights
         barrier()
-        dist_checkpointing.save(self._sharded_state(), str(directory / "megatron"))
+        dist_checkpointing.save(self._sharded_state(is_loading=False), str(directory / "megatron"))
 
+    @torch.no_grad()
     def load(self, directory: Path) -> dict:
-        """Weights and optimizer state from ``save`` (any layout); returns the loop state."""
+        """Weights and optimizer state from ``save`` (another layout too); returns the loop state."""
         from megatron.core import dist_checkpointing
 
         directory = Path(directory)
-        loaded = dist_checkpointing.load(self._sharded_state(), str(directory / "megatron"))
+        if self.optimizer is not None and self.cfg.distributed_optimizer:
+            prepare_for_load(self.optimizer)
+        loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory / "megatron"))
         self.model.load_state_dict(loaded["model"])
         if self.optimizer is not None and "optimizer" in loaded:
             self.optimizer.load_state_dict(loaded["optimizer"])
+            finish_load(self.optimizer)
         state = torch.load(directory / TRAINER_STATE, weights_only=False)
         self.step = int(state.get("step", 0))
         return state.get("extra", {})

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config, Qwen3Config
 
+from fastmath_nemo.batch import Batch, batch_from_sequences
+from fastmath_nemo.config.schema import OptimizerConfig
+
+# eps 1e-6: Adam's first step is lr * g / (|g| + eps), so where a gradient is ~0 (Qwen3's
+# QK norm leaves q/k projections a direction without gradient) rounding noise in g alone
+# would decide the update; a larger eps keeps those elements still on both sides.
+OPTIMIZER = OptimizerConfig(lr=1e-3, weight_decay=0.1, eps=1e-6, max_grad_norm=0.5, warmup_ratio=0.0)
+
 STD = 0.1
 MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _COMMON = dict(
@@ -48,3 +56,12 @@ def packed_row(seq_len: int, first_doc: int = 5) -> torch.Tensor:
     ids = torch.full((1, seq_len), 2, dtype=torch.long)
     ids[0, :first_doc] = 1
     return ids
+
+
+def sft_rows() -> tuple[Batch, list[Batch]]:
+    """Four rows for one SFT step, and the same rows as two micro-batches of two. Width 13
+    (odd: sequence parallelism pads it to a multiple of TP); three prompt tokens per row."""
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (13, 9, 11, 12)]
+    batch = batch_from_sequences(seqs, [[0] * 3 + [1] * (len(s) - 3) for s in seqs], pad_id=0)
+    return batch, [batch.select(slice(0, 2)), batch.select(slice(2, 4))]

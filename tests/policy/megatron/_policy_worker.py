@@ -22,17 +22,13 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _megatron_tiny import tiny_hf_model  # noqa: E402
+from _megatron_tiny import OPTIMIZER, sft_rows, tiny_hf_model  # noqa: E402
 
 from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
-from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
-from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig  # noqa: E402
+from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
 from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel  # noqa: E402
 from fastmath_nemo.policy.megatron.policy import MegatronPolicy  # noqa: E402
 from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
-
-OPTIMIZER = OptimizerConfig(lr=1e-3, weight_decay=0.1, eps=1e-6, max_grad_norm=0.5, warmup_ratio=0.0)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -51,11 +47,7 @@ def main() -> None:
                          distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute,
                          sequence_parallel=args.sequence_parallel)
     policy = MegatronPolicy(args.folder, cfg, temperature=0.7)
-    gen = torch.Generator().manual_seed(0)
-    # an odd width: sequence parallelism pads it to a multiple of TP
-    seqs = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (13, 9, 11, 12)]
-    batch = batch_from_sequences(seqs, [[0] * 3 + [1] * (len(s) - 3) for s in seqs], pad_id=0)
-    micro = [batch.select(slice(0, 2)), batch.select(slice(2, 4))]
+    batch, micro = sft_rows()
     rank, world = dist.get_rank(), dist.get_world_size()
     dp = world // (args.tp * args.pp)
     mine = micro if dp == 1 else [micro[rank]]

@@ -14,17 +14,13 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _megatron_tiny import tiny_hf_model  # noqa: E402
+from _megatron_tiny import OPTIMIZER, tiny_hf_model  # noqa: E402
 
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, sft_loss  # noqa: E402
 from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
-from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig  # noqa: E402
+from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
 from fastmath_nemo.policy.torch_policy import NonFiniteLossError, TorchPolicy  # noqa: E402
 
-# eps 1e-6: Adam's first step is lr * g / (|g| + eps), so where a gradient is ~0 (Qwen3's
-# QK norm leaves q/k projections a direction without gradient) rounding noise in g alone
-# would decide the update; a larger eps keeps those elements still on both sides.
-OPTIMIZER = OptimizerConfig(lr=1e-3, weight_decay=0.1, eps=1e-6, max_grad_norm=0.5, warmup_ratio=0.0)
 
 
 @pytest.fixture(scope="module", params=["qwen2", "qwen3", "llama"])
