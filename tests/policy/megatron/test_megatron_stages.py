@@ -1,11 +1,15 @@
 """policy.backend=megatron through the CLI: the SFT stage follows the PyTorch backend's loss
-curve step by step, and its final folder is a Hugging Face model the other stages load."""
+curve step by step, and its final folder is a Hugging Face model the other stages load; a run
+killed (SIGKILL) after a few checkpoints resumes and ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +21,20 @@ SMALL = ["conf=sft", "data.synthetic.n_train=96", "data.synthetic.n_eval=8", "da
          "sft.rows_per_step=16", "policy.micro_batch_rows=8", "policy.device=cpu", "sft.optimizer.warmup_ratio=0.0"]
 
 
-def _sft(run_dir: Path, backend: str) -> list[dict]:
-    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={run_dir}", f"policy.backend={backend}", *SMALL]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+def _command(run_dir: Path, backend: str, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={run_dir}", f"policy.backend={backend}",
+            *SMALL, *extra]
+
+
+def _sft_records(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["stage"] == "sft"]
+
+
+def _sft(run_dir: Path, backend: str, *extra: str) -> list[dict]:
+    done = subprocess.run(_command(run_dir, backend, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return _sft_records(run_dir)
 
 
 def test_megatron_sft_follows_the_pytorch_backend(tmp_path: Path) -> None:
@@ -38,3 +50,44 @@ def test_megatron_sft_follows_the_pytorch_backend(tmp_path: Path) -> None:
     final = tmp_path / "megatron" / "sft" / "final"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "megatron", "COMPLETE"):
         assert (final / name).exists(), name
+
+
+def test_killed_megatron_sft_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fastmath_nemo.checkpoint.atomic import list_checkpoints
+
+    longer = ["sft.epochs=3", "sft.save_every_steps=1"]  # 18 steps, a checkpoint after each
+    reference = _sft(tmp_path / "reference", "megatron", *longer)
+    assert [r["step"] for r in reference] == list(range(1, 19))
+
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(_command(run_dir, "megatron", *longer), cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not any(step >= 3 for step, _ in list_checkpoints(run_dir / "sft" / "checkpoints")):
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint step_3 within 300 s"
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run had finished before it could be killed"
+    last_step, last_dir = list_checkpoints(run_dir / "sft" / "checkpoints")[-1]
+    assert 3 <= last_step < 18 and (last_dir / "megatron" / "metadata.json").is_file()
+
+    before = len(_sft_records(run_dir))
+    resumed = _sft(run_dir, "megatron", *longer, "resume=true")[before:]
+    # continued right after the last checkpoint, with the uninterrupted run's losses step by step
+    assert [r["step"] for r in resumed] == list(range(last_step + 1, 19))
+    for ours in resumed:
+        assert ours["loss"] == pytest.approx(reference[ours["step"] - 1]["loss"], abs=1e-6), ours
+    ours_final = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))
+    ref_final = load_file(str(tmp_path / "reference" / "sft" / "final" / "model.safetensors"))
+    assert ours_final.keys() == ref_final.keys()
+    assert max(float((ours_final[k] - ref_final[k]).abs().max()) for k in ref_final) <= 1e-6
