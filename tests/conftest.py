@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):  # the package; the test helpers (tests/_*.py)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 

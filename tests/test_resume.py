@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +39,7 @@ from fastmath_nemo.data.tokenizer import train_tokenizer  # noqa: E402
 from fastmath_nemo.policy.models import TinyModelConfig, build_tiny_model, load_pretrained  # noqa: E402
 from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
 from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics  # noqa: E402
+from _sigkill import sigkill_after_checkpoint  # noqa: E402
 
 RUN_PY = ROOT / "launch" / "run.py"
 
@@ -132,26 +131,8 @@ def test_sigkill_mid_sft_then_resume_continues_after_last_checkpoint(tmp_path: P
             "sft.optimizer.min_lr_ratio=0"]
     ckpt_root = run_dir / "sft" / "checkpoints"
 
-    log_path = tmp_path / "killed.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=ROOT, env=cli_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            # step_3 may already be pruned (keep_last_checkpoints=2) when we look: any step >= 3 will do.
-            while not any(step >= 3 for step, _ in list_checkpoints(ckpt_root)):
-                if proc.poll() is not None:
-                    pytest.fail(f"the run exited (rc={proc.returncode}) before checkpoint step_3:\n"
-                                f"{tail(log_path.read_text(errors='replace'))}")
-                if time.monotonic() > deadline:
-                    pytest.fail("no checkpoint step_3 within 180 s")
-                time.sleep(0.005)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run had finished before it could be killed; make it longer"
+    sigkill_after_checkpoint([sys.executable, str(RUN_PY), *args], ROOT, cli_env(), ckpt_root,
+                             tmp_path / "killed.log", timeout=180)
     assert not is_complete(run_dir / "sft" / "final")
 
     # The newest complete checkpoint is whole and loadable (weights, tokenizer, optimizer, loop state).

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +53,8 @@ def test_megatron_sft_follows_the_pytorch_backend(tmp_path: Path) -> None:
 def test_killed_megatron_sft_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
+    from _sigkill import sigkill_after_checkpoint
+
     from fastmath_nemo.checkpoint.atomic import list_checkpoints
 
     longer = ["sft.epochs=3", "sft.save_every_steps=1"]  # 18 steps, a checkpoint after each
@@ -62,22 +62,8 @@ def test_killed_megatron_sft_resumes_to_the_uninterrupted_result(tmp_path: Path)
     assert [r["step"] for r in reference] == list(range(1, 19))
 
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen(_command(run_dir, "megatron", *longer), cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while not any(step >= 3 for step, _ in list_checkpoints(run_dir / "sft" / "checkpoints")):
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint step_3 within 300 s"
-                time.sleep(0.005)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run had finished before it could be killed"
+    sigkill_after_checkpoint(_command(run_dir, "megatron", *longer), ROOT, {**os.environ, "OMP_NUM_THREADS": "1"},
+                             run_dir / "sft" / "checkpoints", tmp_path / "killed.log")
     last_step, last_dir = list_checkpoints(run_dir / "sft" / "checkpoints")[-1]
     assert 3 <= last_step < 18 and (last_dir / "megatron" / "metadata.json").is_file()
 
