@@ -75,7 +75,7 @@ class MegatronConfig:
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    context_parallel_size: int = 1  # needs the Transformer Engine layer spec
+    context_parallel_size: int = 1  # sdpa attention: rows split over CP ranks, K/V all-gathered
     sequence_parallel: bool = False  # with TP > 1: shard norms/dropout activations on sequence
     attention_backend: str = "auto"  # auto: te where Transformer Engine is installed, else sdpa
     transformer_impl: str = "auto"  # auto | transformer_engine | local

@@ -204,8 +204,11 @@ def _validate_megatron(cfg: s.Config) -> None:
         if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
             _error("policy.megatron.fp8", "FP8 needs a GPU with FP8 tensor cores (compute capability >= 8.9: "
                    "Ada, Hopper, Blackwell); this machine has none")
-    if m.context_parallel_size > 1 and not has_te:
-        _error("policy.megatron.context_parallel_size", f"> 1 needs the Transformer Engine layer spec: {TE_INSTALL}")
+    te_spec = wants_te or (m.attention_backend == "auto" and has_te and m.transformer_impl != "local")
+    if m.context_parallel_size > 1 and (te_spec or m.attention_backend == "unfused"):
+        _error("policy.megatron.context_parallel_size", "> 1 runs on policy.megatron.attention_backend=sdpa "
+               "(keys and values all-gathered over the context-parallel ranks), not "
+               f"attention_backend={m.attention_backend} / transformer_impl={m.transformer_impl}")
     if m.sequence_parallel and m.tensor_parallel_size == 1:
         _error("policy.megatron.sequence_parallel", "only applies with tensor_parallel_size > 1")
     shape = _model_shape(cfg)

@@ -106,6 +106,7 @@ def transformer_config_from_hf(
     *,
     tp: int = 1,
     pp: int = 1,
+    cp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     recompute: bool = False,
@@ -119,7 +120,8 @@ def transformer_config_from_hf(
     """
     _check_supported(hf_config)
     check_layout(
-        hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.num_hidden_layers, tp * pp, tp, pp
+        hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.num_hidden_layers, tp * pp * cp, tp, pp,
+        cp,
     )
     recompute_kwargs: dict[str, Any] = {}
     if recompute:
@@ -142,6 +144,7 @@ def transformer_config_from_hf(
         hidden_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

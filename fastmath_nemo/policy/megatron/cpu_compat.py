@@ -5,7 +5,7 @@ here and nowhere else. Mostly inside megatron's own modules: their global name `
 replaced by :class:`_TorchOnCpu`, a proxy that forwards everything to the real ``torch`` except
 a few ``torch.cuda`` calls and literal ``device="cuda"`` arguments; torch itself, transformers
 and this project see no change. Each entry was found by running without it (TP=2 with and without
-sequence parallelism, PP=2, DP=2 under gloo; fp32 and bf16; forward, and a training step with megatron's DDP and optimizer).
+sequence parallelism, PP=2, CP=2, DP=2 under gloo; fp32 and bf16; forward, and a training step with megatron's DDP and optimizer).
 
 Model and schedules (module ``torch`` proxied):
 
@@ -19,6 +19,8 @@ Model and schedules (module ``torch`` proxied):
   drops that one message.
 - ``models.common.embeddings.rotary_pos_embedding``: ``RotaryEmbedding`` moves ``inv_freq`` to
   ``torch.cuda.current_device()`` on the first forward.
+- ``models.common.embeddings.rope_utils``: under context parallelism each rank's rotary chunks
+  are picked by an index built in pinned memory (``pin_memory=True``, dropped here).
 - ``tensor_parallel.mappings``: TP all-gathers (``runtime_gather_output``, sequence parallel)
   allocate on ``current_device()``.
 - ``tensor_parallel.layers``: under sequence parallelism the linears' backward allocates the
@@ -56,6 +58,8 @@ Tensor methods, which no module proxy reaches (``Tensor.cuda()`` returns the ten
   accept only parameters whose ``type()`` is ``torch.cuda.{Float,Half,BFloat16}Tensor``.
 - ``DistributedOptimizer.get_parameter_state_dp_zero`` (checkpoint save) sends each shard
   after ``send_tensor.cuda()``.
+- ``get_pos_emb_on_this_cp_rank`` (as ``rotary_pos_embedding`` calls it) moves that index to
+  the GPU with ``.cuda()``.
 
 Not covered (not run here): CUDA graphs, overlapped grad reduce (CUDA streams).
 
@@ -78,6 +82,7 @@ import torch
 _PATCHED_MODULES = (
     "megatron.core.tensor_parallel.random",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.rope_utils",
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.pipeline_parallel.p2p_communication",
@@ -162,7 +167,8 @@ class _TorchOnCpu(types.ModuleType):
         return torch.ones(*args, device=_on_cpu(device), **kwargs)
 
     @staticmethod
-    def tensor(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+    def tensor(*args: Any, device: Any = None, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
+        # pinned host memory (a staging buffer for a copy to the GPU) needs an accelerator
         return torch.tensor(*args, device=_on_cpu(device), **kwargs)
 
 
@@ -245,6 +251,8 @@ def enable_cpu_compat() -> bool:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._set_cuda_rng_state = _set_cuda_rng_state_on_cpu
     logging.getLogger(random.__name__).addFilter(_DropCpuRngWarning())
+    rotary = importlib.import_module("megatron.core.models.common.embeddings.rotary_pos_embedding")
+    _run_as_if_on_cuda(rotary, "get_pos_emb_on_this_cp_rank")
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
     _run_as_if_on_cuda(language_module.LanguageModule, "setup_embeddings_and_output_layer")
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")

@@ -62,10 +62,10 @@ def _init_process_group() -> None:
     _owns_process_group = True
 
 
-def init_model_parallel(tp: int, pp: int, seed: int) -> None:
-    """Initialise torch.distributed (if needed), megatron's TP x PP groups and its RNG tracker.
+def init_model_parallel(tp: int, pp: int, seed: int, cp: int = 1) -> None:
+    """Initialise torch.distributed (if needed), megatron's TP x CP x PP groups and its RNG tracker.
 
-    Idempotent for the same (tp, pp); a different layout tears the old groups down first.
+    Idempotent for the same (tp, pp, cp); a different layout tears the old groups down first.
     ``seed`` seeds megatron's tracked RNG states (data-parallel, TP-rank-offset model-parallel
     and expert streams) via ``model_parallel_cuda_manual_seed``; on the CPU through
     ``cpu_compat``, which maps the "CUDA" generator to the CPU one, so there it also re-seeds
@@ -75,18 +75,19 @@ def init_model_parallel(tp: int, pp: int, seed: int) -> None:
     if not dist.is_initialized():
         _init_process_group()
     world_size = dist.get_world_size()
-    if world_size % (tp * pp):
-        raise ValueError(f"world size ({world_size}) must be divisible by tp * pp ({tp} * {pp} = {tp * pp})")
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world size ({world_size}) must be divisible by tp * pp * cp ({tp} * {pp} * {cp})")
     if parallel_state.model_parallel_is_initialized():
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tp
             and parallel_state.get_pipeline_model_parallel_world_size() == pp
+            and parallel_state.get_context_parallel_world_size() == cp
         )
         if not same:
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

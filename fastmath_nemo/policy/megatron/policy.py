@@ -1,4 +1,4 @@
-"""The Megatron Policy: a megatron-core GPTModel with tensor, pipeline and data parallelism.
+"""The Megatron Policy: a megatron-core GPTModel with tensor, pipeline, context and data parallelism.
 
 Built from a Hugging Face checkpoint (``convert.py``), trained through megatron-core's own
 machinery: ``get_forward_backward_func`` (pipeline schedules over micro-batches), its
@@ -9,8 +9,8 @@ loss functions are the same pure functions the PyTorch policy calls; they receiv
 per-token logprobs computed without ever gathering the vocabulary (:func:`token_logprobs`).
 
 Every rank runs the same stage loop; data is sharded over data-parallel ranks only
-(``utils.distributed.data_parallel_*``): tensor- and pipeline-parallel peers see the same
-rows. Results that only the last pipeline stage has (logprobs, loss metrics) are broadcast
+(``utils.distributed.data_parallel_*``): tensor-, context- and pipeline-parallel peers see
+the same rows (context-parallel ranks then take their own positions of each row). Results that only the last pipeline stage has (logprobs, loss metrics) are broadcast
 to the other stages.
 """
 
@@ -29,6 +29,7 @@ from fastmath_nemo.batch import Batch
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig
 from fastmath_nemo.policy.base import LossFn
 from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf
+from fastmath_nemo.policy.megatron.context_parallel import gather_logprobs, local_positions
 from fastmath_nemo.policy.megatron.convert import gather_hf_weights
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
@@ -53,12 +54,12 @@ def resolve_attention_backend(name: str, transformer_impl: str = "auto") -> str:
     return "te" if has_te and transformer_impl != "local" else "sdpa"
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    """Vocab-parallel logprobs in :class:`~fastmath_nemo.batch.Batch` alignment.
+def next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """Vocab-parallel ``log softmax(logits[:, t] / temperature)[targets[:, t]]``.
 
-    logits:    [B, T, V_local] this TP rank's slice of the (padded) vocabulary
-    input_ids: [B, T]
-    returns    [B, T]: ``log softmax(logits[:, t-1] / temperature)[input_ids[:, t]]``, column 0 = 0.
+    logits:  [B, S, V_local] this TP rank's slice of the (padded) vocabulary
+    targets: [B, S] the token that follows each position
+    returns  [B, S]
 
     megatron-core's ``vocab_parallel_cross_entropy`` all-reduces the max and the partition
     sum over TP ranks, so no rank materialises the full vocabulary. Vocabulary padding added
@@ -66,13 +67,19 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: in
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    scaled = logits[:, :-1].float() / temperature  # a fresh tensor: the op overwrites its input
+    scaled = logits.float() / temperature  # a fresh tensor: the op overwrites its input
     local = scaled.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * local
     if start + local > vocab_size:
         scaled[..., max(0, vocab_size - start):] = float("-inf")
-    nll = tensor_parallel.vocab_parallel_cross_entropy(scaled, input_ids[:, 1:].contiguous())
-    return torch.nn.functional.pad(-nll, (1, 0))
+    return -tensor_parallel.vocab_parallel_cross_entropy(scaled, targets.contiguous())
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """Logprobs in :class:`~fastmath_nemo.batch.Batch` alignment: logits [B, T, V_local],
+    input_ids [B, T] -> [B, T], ``log p(input_ids[:, t] | input_ids[:, :t])``, column 0 = 0."""
+    logprobs = next_token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size, temperature)
+    return torch.nn.functional.pad(logprobs, (1, 0))
 
 
 class MegatronPolicy:
@@ -93,10 +100,12 @@ class MegatronPolicy:
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             enable_cpu_compat()
-        init_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed)
+        init_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed, cfg.context_parallel_size)
         from megatron.core import parallel_state
 
+        # rows are sharded over data-parallel ranks; context-parallel peers share theirs
         set_data_parallel_group(parallel_state.get_data_parallel_group())
+        self._cp_rank = parallel_state.get_context_parallel_rank()
         self.model_dir = Path(model_dir)
         self.seed = seed
         self.cfg = cfg
@@ -104,15 +113,17 @@ class MegatronPolicy:
         self.params_dtype = params_dtype
         self.hf_config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
         self.tcfg = transformer_config_from_hf(
-            self.hf_config, tp=cfg.tensor_parallel_size, pp=cfg.pipeline_parallel_size, params_dtype=params_dtype,
-            sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute_activations,
+            self.hf_config, tp=cfg.tensor_parallel_size, pp=cfg.pipeline_parallel_size, cp=cfg.context_parallel_size,
+            params_dtype=params_dtype, sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute_activations,
         )
         if cfg.fp8 is not None:
             # FP8 GEMMs are Transformer Engine's (validation demands TE and an FP8 GPU); the
             # config carries the choice, the TE layer spec applies it.
             self.tcfg.fp8, self.tcfg.fp8_recipe = cfg.fp8, cfg.fp8_recipe
-        spec = gpt_layer_spec(resolve_attention_backend(cfg.attention_backend, cfg.transformer_impl),
-                              qk_layernorm=self.hf_config.model_type == "qwen3")
+        attention = resolve_attention_backend(cfg.attention_backend, cfg.transformer_impl)
+        if cfg.context_parallel_size > 1 and attention != "sdpa":
+            raise ValueError(f"context parallelism runs on the sdpa attention backend, not {attention!r}")
+        spec = gpt_layer_spec(attention, qk_layernorm=self.hf_config.model_type == "qwen3")
         model = build_gpt_model(self.hf_config, self.tcfg, spec)
         if self.on_gpu:
             model.cuda(torch.cuda.current_device())
@@ -165,10 +176,29 @@ class MegatronPolicy:
 
     # -- forward -----------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, micro: Batch) -> torch.Tensor:
-        """Logits [B, T, V_local] on the last stage, hidden states elsewhere."""
+        """Logits [B, T / cp, V_local] on the last stage (this CP rank's positions), hidden
+        states elsewhere."""
+        if self.cfg.context_parallel_size > 1:
+            # queries of this rank's positions against the whole row (context_parallel.py)
+            mine = local_positions(micro.width, self.cfg.context_parallel_size, self._cp_rank, micro.input_ids.device)
+            mask = megatron_attention_mask(micro.document_ids)[:, :, mine]
+            return model(input_ids=micro.input_ids[:, mine], position_ids=micro.position_ids[:, mine],
+                         attention_mask=mask)
         packed = bool((micro.document_ids.max(dim=-1).values > 1).any())
         mask = megatron_attention_mask(micro.document_ids) if packed else None
         return model(input_ids=micro.input_ids, position_ids=micro.position_ids, attention_mask=mask)
+
+    def _batch_logprobs(self, logits: torch.Tensor, micro: Batch) -> torch.Tensor:
+        """[B, T] logprobs in Batch alignment from the last stage's logits (under CP: of this
+        rank's positions, gathered over the CP ranks)."""
+        vocab, temperature = self.hf_config.vocab_size, self.temperature
+        cp = self.cfg.context_parallel_size
+        if cp == 1:
+            return token_logprobs(logits, micro.input_ids, vocab, temperature)
+        targets = torch.nn.functional.pad(micro.input_ids[:, 1:], (0, 1))  # the last position has none
+        mine = local_positions(micro.width, cp, self._cp_rank, targets.device)
+        following = gather_logprobs(next_token_logprobs(logits, targets[:, mine], vocab, temperature))
+        return torch.nn.functional.pad(following[:, :-1], (1, 0))
 
     def _run(self, micro_batches: list[Batch], loss_fn: LossFn | None, forward_only: bool) -> list[dict]:
         """One pass of megatron's schedule; per micro-batch results on the last stage, [] elsewhere."""
@@ -176,9 +206,12 @@ class MegatronPolicy:
 
         if self.cfg.pipeline_parallel_size > 1:
             micro_batches = _same_shape(micro_batches)
-        if self.cfg.sequence_parallel:  # each TP rank holds width / TP positions between the linears
-            tp = self.cfg.tensor_parallel_size
-            micro_batches = [m.padded_to(m.num_rows, -(-m.width // tp) * tp) for m in micro_batches]
+        # Sequence parallelism: each TP rank holds width / (cp TP) positions between the linears;
+        # context parallelism: each CP rank holds 2 of 2 cp equal chunks.
+        multiple = (2 * self.cfg.context_parallel_size if self.cfg.context_parallel_size > 1 else 1) * (
+            self.cfg.tensor_parallel_size if self.cfg.sequence_parallel else 1)
+        if multiple > 1:
+            micro_batches = [m.padded_to(m.num_rows, -(-m.width // multiple) * multiple) for m in micro_batches]
         micro_batches = [m.to(self.device) for m in micro_batches]
 
         def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
@@ -186,7 +219,7 @@ class MegatronPolicy:
             output = self._forward(model, micro)
 
             def loss_func(logits: torch.Tensor):
-                logprobs = token_logprobs(logits, micro.input_ids, self.hf_config.vocab_size, self.temperature)
+                logprobs = self._batch_logprobs(logits, micro)
                 if loss_fn is None:
                     return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
                 loss, metrics = loss_fn(logprobs, micro)

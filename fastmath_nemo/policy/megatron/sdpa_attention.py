@@ -17,6 +17,9 @@ unchanged from ``GPTModel.forward``:
 
 No query row may be fully blocked (SDPA returns NaN there; megatron's unfused path would
 attend uniformly).
+
+Under context parallelism the queries are this rank's slice of the row and keys / values are
+all-gathered to the whole row (``context_parallel.py``); the mask is then ``[b, 1, s / cp, s]``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+from fastmath_nemo.policy.megatron.context_parallel import gather_sequence
 
 # torch >= 2.5 broadcasts kv heads itself (no repeated K/V in memory).
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -54,8 +59,6 @@ class SDPAAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAAttention does not support context parallelism (use the TE backend)")
         if config.softmax_type != "vanilla":
             raise ValueError(f"SDPAAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
         if config.window_size is not None:
@@ -95,6 +98,11 @@ class SDPAAttention(MegatronModule):
             )
         if attention_bias is not None:
             raise ValueError("SDPAAttention does not support attention_bias")
+        if self.config.context_parallel_size > 1:
+            # this rank's queries against the whole row's keys and values (context_parallel.py)
+            if attention_mask is None:
+                raise ValueError("under context parallelism the policy passes the [b, 1, s / cp, s] mask")
+            key, value = gather_sequence(key), gather_sequence(value)
         sq, sk = query.size(0), key.size(0)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))

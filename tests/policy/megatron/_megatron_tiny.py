@@ -65,3 +65,14 @@ def sft_rows() -> tuple[Batch, list[Batch]]:
     seqs = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (13, 9, 11, 12)]
     batch = batch_from_sequences(seqs, [[0] * 3 + [1] * (len(s) - 3) for s in seqs], pad_id=0)
     return batch, [batch.select(slice(0, 2)), batch.select(slice(2, 4))]
+
+
+def packed_rows() -> Batch:
+    """Two rows of width 14, each packing two documents (positions restart at 0), the second
+    row ending in one pad."""
+    gen = torch.Generator().manual_seed(1)
+    document_ids = torch.tensor([[1] * 6 + [2] * 8, [1] * 9 + [2] * 4 + [0]])
+    position_ids = torch.tensor([list(range(6)) + list(range(8)), list(range(9)) + list(range(4)) + [0]])
+    input_ids = torch.randint(1, 96, (2, 14), generator=gen) * (document_ids > 0)
+    return Batch(input_ids=input_ids, position_ids=position_ids, document_ids=document_ids,
+                 loss_mask=(document_ids > 0).float())

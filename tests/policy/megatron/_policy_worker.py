@@ -1,10 +1,11 @@
 """Worker for test_megatron_policy_parallel.py, run by ``torch.distributed.run --nproc-per-node 2``.
 
-``_policy_worker.py --tp T --pp P --model M --folder DIR --out result.json``: every rank builds a
-MegatronPolicy of layout (T, P, DP = 2 / (T * P)) from the HF folder, takes one SFT step on
-four rows (two micro-batches; under DP each rank takes one of them), and compares the
-loss and the gathered weights with a single-process TorchPolicy step on the same rows;
-with ``--save DIR`` it then saves the policy there (every rank takes part).
+``_policy_worker.py --tp T --pp P [--cp C] --model M --folder DIR --out result.json``: every rank
+builds a MegatronPolicy of layout (T, P, C, DP = 2 / (T * P * C)) from the HF folder, compares
+its logprobs (padded rows, and packed rows of two documents) with a single-process
+TorchPolicy's, takes one SFT step on four rows (two micro-batches; under DP each rank takes
+one of them), and compares the loss and the gathered weights with the TorchPolicy's step on
+the same rows; with ``--save DIR`` it then saves the policy there (every rank takes part).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _megatron_tiny import OPTIMIZER, sft_rows, tiny_hf_model  # noqa: E402
+from _megatron_tiny import OPTIMIZER, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
 
 from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
@@ -34,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     for flag in ("--tp", "--pp"):
         parser.add_argument(flag, type=int, required=True)
+    parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--model", required=True)
     parser.add_argument("--folder", required=True)
     parser.add_argument("--out", required=True)
@@ -43,25 +45,29 @@ def main() -> None:
     parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args()
 
-    cfg = MegatronConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, attention_backend="sdpa",
+    cfg = MegatronConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
+                         context_parallel_size=args.cp, attention_backend="sdpa",
                          distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute,
                          sequence_parallel=args.sequence_parallel)
     policy = MegatronPolicy(args.folder, cfg, temperature=0.7)
     batch, micro = sft_rows()
     rank, world = dist.get_rank(), dist.get_world_size()
-    dp = world // (args.tp * args.pp)
+    dp = world // (args.tp * args.pp * args.cp)
     mine = micro if dp == 1 else [micro[rank]]
 
     reference = TorchPolicy(tiny_hf_model(args.model), torch.device("cpu"), temperature=0.7)
     real = batch.document_ids > 0  # padding attends differently in the two models and is never a target
     logprob_diff = float((policy.logprobs(batch) - reference.logprobs(batch))[real].abs().max())
+    packed = packed_rows()
+    real = packed.document_ids > 0
+    packed_diff = float((policy.logprobs(packed) - reference.logprobs(packed))[real].abs().max())
     policy.setup_optimizer(OPTIMIZER, total_steps=10)
     reference.setup_optimizer(OPTIMIZER, total_steps=10)
     ours, theirs = policy.train_step(mine, sft_loss), reference.train_step(micro, sft_loss)
     weights = dict(policy.export_weights())
     expected = dict(reference.model.named_parameters())
     result = {
-        "rank": rank, "dp": dp, "logprob_diff": logprob_diff,
+        "rank": rank, "dp": dp, "logprob_diff": logprob_diff, "packed_logprob_diff": packed_diff,
         "loss_diff": abs(ours["loss"] - theirs["loss"]) if dp == 1 else None,
         "grad_norm_diff": abs(ours["grad_norm"] - theirs["grad_norm"]),
         "weight_diff": max(float((weights[k] - expected[k]).abs().max()) for k in expected),

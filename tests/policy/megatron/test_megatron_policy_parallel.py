@@ -1,6 +1,7 @@
 """MegatronPolicy on two CPU ranks (torchrun, gloo) at TP=2 (also with sequence parallelism),
-PP=2 and DP=2 (also with the distributed optimizer and activation recomputation): one SFT step
-gives the loss and updated weights of a single-process TorchPolicy step on the same rows."""
+PP=2, CP=2 and DP=2 (also with the distributed optimizer and activation recomputation): the
+logprobs of padded and of packed rows, and one SFT step's loss and updated weights, are those
+of a single-process TorchPolicy on the same rows."""
 
 from __future__ import annotations
 
@@ -43,17 +44,19 @@ def _run_worker(tmp_path: Path, tp: int, pp: int, model: str, *extra: str) -> li
 
 @pytest.mark.parametrize(
     ("tp", "pp", "model", "flags"),
-    [(2, 1, "qwen2", ()), (2, 1, "qwen3", ("--sequence-parallel",)), (1, 2, "llama", ()), (1, 1, "qwen3", ()),
-     (1, 1, "qwen2", ("--distributed-optimizer", "--recompute"))],
-    ids=["tp2-qwen2", "tp2-sequence-parallel-qwen3", "pp2-llama", "dp2-qwen3",
+    [(2, 1, "qwen2", ()), (2, 1, "qwen3", ("--sequence-parallel",)), (1, 2, "llama", ()),
+     (1, 1, "qwen3", ("--cp", "2")), (1, 1, "qwen3", ()), (1, 1, "qwen2", ("--distributed-optimizer", "--recompute"))],
+    ids=["tp2-qwen2", "tp2-sequence-parallel-qwen3", "pp2-llama", "cp2-qwen3", "dp2-qwen3",
          "dp2-qwen2-distributed-optimizer-recompute"],
 )
 def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: int, model: str, flags) -> None:
     cases = _run_worker(tmp_path, tp, pp, model, *flags)
-    assert len(cases) == 2 and all(c["dp"] == 2 // (tp * pp) for c in cases)
+    cp = 2 if "--cp" in flags else 1
+    assert len(cases) == 2 and all(c["dp"] == 2 // (tp * pp * cp) for c in cases)
     for case in cases:
         assert case["names_match"], case
         assert case["logprob_diff"] <= 1e-5, case
+        assert case["packed_logprob_diff"] <= 1e-5, case
         assert case["grad_norm_diff"] <= 1e-5, case
         assert case["weight_diff"] <= 1e-5, case
         if case["loss_diff"] is not None:
