@@ -8,22 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import TINY_RECIPE, free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.synthetic.n_train=64", "data.synthetic.n_eval=8", "sft.epochs=2", "sft.rows_per_step=8",
-    "policy.micro_batch_rows=2", "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=2",
-    "generation.max_tokens=24", "eval.token_budgets=[24]", "eval.n_samples=2", "eval.k_values=[2]",
-    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_attention_heads=2",
-    "model.tiny.num_key_value_heads=1", "model.tiny.intermediate_size=128", "policy.device=cpu",
-]
 
 
 @pytest.mark.slow
 def test_two_ranks_train_and_log_once(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           str(ROOT / "launch" / "run.py"), f"run.dir={tmp_path}", *TINY]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(ROOT / "launch" / "run.py"), f"run.dir={tmp_path}", *TINY_RECIPE]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

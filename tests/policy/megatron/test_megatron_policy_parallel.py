@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _cli import free_port
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
@@ -24,16 +24,11 @@ ROOT = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).resolve().parent / "_policy_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _run_worker(tmp_path: Path, tp: int, pp: int, model: str, *extra: str) -> list[dict]:
     folder, out = tmp_path / "model", tmp_path / "result.json"
     tiny_hf_model(model).save_pretrained(str(folder))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(WORKER), "--tp", str(tp), "--pp", str(pp), "--model", model, "--folder", str(folder), "--out", str(out),
            *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

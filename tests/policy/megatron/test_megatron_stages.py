@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import TINY_RECIPE, free_port
 
 pytest.importorskip("megatron.core")
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = ["conf=sft", "data.synthetic.n_train=96", "data.synthetic.n_eval=8", "data.synthetic.n_ops=1", "sft.epochs=1",
          "sft.rows_per_step=16", "policy.micro_batch_rows=8", "policy.device=cpu", "sft.optimizer.warmup_ratio=0.0"]
+
 
 
 def _command(run_dir: Path, backend: str, *extra: str) -> list[str]:
@@ -77,3 +79,34 @@ def test_killed_megatron_sft_resumes_to_the_uninterrupted_result(tmp_path: Path)
     ref_final = load_file(str(tmp_path / "reference" / "sft" / "final" / "model.safetensors"))
     assert ours_final.keys() == ref_final.keys()
     assert max(float((ours_final[k] - ref_final[k]).abs().max()) for k in ref_final) <= 1e-6
+
+
+RECIPE = [*TINY_RECIPE, "sft.optimizer.warmup_ratio=0.0"]
+
+
+@pytest.mark.parametrize("layout", ["policy.megatron.tensor_parallel_size=2", "policy.megatron.context_parallel_size=2"],
+                         ids=["tp2", "cp2"])
+def test_recipe_under_torchrun_follows_the_single_process_pytorch_run(tmp_path: Path, layout: str) -> None:
+    """The whole recipe (SFT, GRPO, evaluation) on two ranks that split the model (TP) or
+    every row (CP): SFT follows the single-process PyTorch backend step by step, and the two
+    ranks act as one data-parallel replica (evaluation counts each problem once)."""
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={tmp_path / 'torch'}", "conf=sft", *RECIPE],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(ROOT / "launch" / "run.py"), f"run.dir={tmp_path / 'megatron'}", "policy.backend=megatron", layout,
+           *RECIPE]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ours, theirs = _sft_records(tmp_path / "megatron"), _sft_records(tmp_path / "torch")
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, 17))  # logged once
+    for mine, reference in zip(ours, theirs):
+        assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-4), (mine, reference)
+    records = [json.loads(line) for line in (tmp_path / "megatron" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "grpo"] == [1, 2]
+    report = json.loads((tmp_path / "megatron" / "report.json").read_text())
+    assert len(report["evaluations"]) == 3
+    assert all(row["n_problems"] == 8 and row["n_samples"] == 2 for row in report["evaluations"])
