@@ -35,6 +35,7 @@ from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
 from fastmath_nemo.policy.megatron.optimizer_state import checkpoint_metadata, finish_load, prepare_for_load
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
+from fastmath_nemo.policy.megatron.thd import thd_params
 from fastmath_nemo.policy.torch_policy import TRAINER_STATE, NonFiniteLossError, cosine_with_warmup
 from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0, set_data_parallel_group
 
@@ -124,6 +125,9 @@ class MegatronPolicy:
         if cfg.context_parallel_size > 1 and attention != "sdpa":
             raise ValueError(f"context parallelism runs on the sdpa attention backend, not {attention!r}")
         spec = gpt_layer_spec(attention, qk_layernorm=self.hf_config.model_type == "qwen3")
+        # How rows reach attention: a per-row document mask (SDPA spec) or megatron's packed
+        # thd format (Transformer Engine's kernels take no mask tensor; see thd.py).
+        self.packed_format = "thd" if attention == "te" else "mask"
         model = build_gpt_model(self.hf_config, self.tcfg, spec)
         if self.on_gpu:
             model.cuda(torch.cuda.current_device())
@@ -176,14 +180,17 @@ class MegatronPolicy:
 
     # -- forward -----------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, micro: Batch) -> torch.Tensor:
-        """Logits [B, T / cp, V_local] on the last stage (this CP rank's positions), hidden
-        states elsewhere."""
+        """Logits [B, T / cp, V_local] on the last stage (this CP rank's positions; thd format:
+        [1, B * T, V_local]), hidden states elsewhere."""
         if self.cfg.context_parallel_size > 1:
             # queries of this rank's positions against the whole row (context_parallel.py)
             mine = local_positions(micro.width, self.cfg.context_parallel_size, self._cp_rank, micro.input_ids.device)
             mask = megatron_attention_mask(micro.document_ids)[:, :, mine]
             return model(input_ids=micro.input_ids[:, mine], position_ids=micro.position_ids[:, mine],
                          attention_mask=mask)
+        if self.packed_format == "thd":  # all rows as one [1, B * T] sequence of segments
+            return model(input_ids=micro.input_ids.reshape(1, -1), position_ids=micro.position_ids.reshape(1, -1),
+                         attention_mask=None, packed_seq_params=thd_params(micro.document_ids))
         packed = bool((micro.document_ids.max(dim=-1).values > 1).any())
         mask = megatron_attention_mask(micro.document_ids) if packed else None
         return model(input_ids=micro.input_ids, position_ids=micro.position_ids, attention_mask=mask)
@@ -193,6 +200,8 @@ class MegatronPolicy:
         rank's positions, gathered over the CP ranks)."""
         vocab, temperature = self.hf_config.vocab_size, self.temperature
         cp = self.cfg.context_parallel_size
+        if self.packed_format == "thd":
+            logits = logits.reshape(micro.num_rows, micro.width, -1)
         if cp == 1:
             return token_logprobs(logits, micro.input_ids, vocab, temperature)
         targets = torch.nn.functional.pad(micro.input_ids[:, 1:], (0, 1))  # the last position has none
@@ -228,6 +237,8 @@ class MegatronPolicy:
             return output, loss_func
 
         rows, width = micro_batches[0].num_rows, micro_batches[0].width
+        if self.packed_format == "thd":  # pipeline stages exchange [B * T, 1, hidden]
+            rows, width = 1, rows * width
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.ddp],
             num_microbatches=len(micro_batches), seq_length=width, micro_batch_size=rows, forward_only=forward_only,

@@ -20,6 +20,10 @@ attend uniformly).
 
 Under context parallelism the queries are this rank's slice of the row and keys / values are
 all-gathered to the whole row (``context_parallel.py``); the mask is then ``[b, 1, s / cp, s]``.
+
+Packed sequences in megatron's ``thd`` format (``PackedSeqParams``, what Transformer Engine's
+attention consumes, see ``thd.py``) are accepted too, through the equivalent block-diagonal
+causal mask: the CPU tests of that format run on this module.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from fastmath_nemo.policy.megatron.context_parallel import gather_sequence
+from fastmath_nemo.policy.megatron.thd import thd_attention_mask
 
 # torch >= 2.5 broadcasts kv heads itself (no repeated K/V in memory).
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -92,10 +97,12 @@ class SDPAAttention(MegatronModule):
         query groups); attention_mask None, bool or additive [b, 1, sq, sk] (module docstring).
         Returns the context [sq, b, np * hn]."""
         if packed_seq_params is not None:
-            raise ValueError(
-                "SDPAAttention takes packed rows as a per-document attention_mask [b, 1, s, s], "
-                "not PackedSeqParams (THD packing needs the TE backend)"
-            )
+            if packed_seq_params.qkv_format != "thd" or self.config.context_parallel_size > 1:
+                raise ValueError("SDPAAttention takes PackedSeqParams in the thd format, without context parallelism")
+            # [t, h, d] (megatron squeezes the dummy batch of one): back to [t, 1, h, d], and
+            # the block-diagonal causal mask of the packed segments
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+            attention_mask = ~thd_attention_mask(packed_seq_params.cu_seqlens_q, query.size(0))
         if attention_bias is not None:
             raise ValueError("SDPAAttention does not support attention_bias")
         if self.config.context_parallel_size > 1:

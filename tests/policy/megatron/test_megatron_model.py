@@ -72,6 +72,25 @@ def test_packed_row_matches_documents_run_separately(hf_model, backend: str) -> 
     assert (unmasked[:, 6:] - ref[:, 6:]).abs().max().item() > 1e-2  # the mask matters
 
 
+def test_thd_packed_rows_match_documents_run_separately(hf_model) -> None:
+    """Two rows flattened into megatron's thd format (segments by cu_seqlens, RoPE restarting
+    per segment; the format Transformer Engine's attention takes), here through the SDPA
+    core attention: every document's logits are HF's for that document alone."""
+    from fastmath_nemo.policy.megatron.thd import thd_params
+
+    model = _megatron(hf_model, "sdpa")
+    document_ids = torch.tensor([[1] * 6 + [2] * 10, [1] * 11 + [0] * 5])
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    params = thd_params(document_ids)
+    assert params.cu_seqlens_q.tolist() == [0, 6, 16, 27, 32] and params.max_seqlen_q == 11
+    with torch.no_grad():
+        ours = model(ids.reshape(1, -1), None, None, packed_seq_params=params).reshape(2, 16, -1)
+        refs = [hf_model(ids[:1, :6]).logits, hf_model(ids[:1, 6:]).logits, hf_model(ids[1:, :11]).logits]
+    assert (ours[0, :6] - refs[0][0]).abs().max().item() < TOL
+    assert (ours[0, 6:] - refs[1][0]).abs().max().item() < TOL
+    assert (ours[1, :11] - refs[2][0]).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize(
     "rope",
     [

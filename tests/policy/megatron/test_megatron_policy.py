@@ -14,7 +14,7 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _megatron_tiny import OPTIMIZER, tiny_hf_model  # noqa: E402
+from _megatron_tiny import OPTIMIZER, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
 
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, sft_loss  # noqa: E402
 from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
@@ -84,6 +84,25 @@ def test_one_sft_step_gives_the_same_loss_and_weights(policies, batch):
     assert ours["lr"] == pytest.approx(theirs["lr"])
     assert _max_weight_diff(megatron, torch_policy) <= 1e-5
     assert (megatron.logprobs(batch) - torch_policy.logprobs(batch))[_tokens(batch)].abs().max() <= 1e-5
+
+
+def test_thd_format_gives_the_same_logprobs_and_step(tmp_path):
+    """The thd path (how the Transformer Engine spec receives rows, thd.py), run here through
+    the SDPA core attention: packed and padded rows, and one SFT step, as the PyTorch policy."""
+    from fastmath_nemo.policy.megatron.policy import MegatronPolicy
+
+    tiny_hf_model("qwen2").save_pretrained(str(tmp_path))
+    policy = MegatronPolicy(tmp_path, MegatronConfig(attention_backend="sdpa"), temperature=0.7)
+    policy.packed_format = "thd"
+    reference = TorchPolicy(tiny_hf_model("qwen2"), torch.device("cpu"), temperature=0.7)
+    packed = packed_rows()
+    assert (policy.logprobs(packed) - reference.logprobs(packed))[_tokens(packed)].abs().max() <= 1e-5
+    _, micro = sft_rows()
+    for p in (policy, reference):
+        p.setup_optimizer(OPTIMIZER, total_steps=10)
+    ours, theirs = policy.train_step(micro, sft_loss), reference.train_step(micro, sft_loss)
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+    assert _max_weight_diff(policy, reference) <= 1e-5
 
 
 def test_non_finite_loss_stops_before_the_update(policies, batch):
