@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16.1 on the CPU (torch.distributed gloo): the only CUDA redirections.
+"""Run megatron-core (0.16.1 to 0.19.2) on the CPU (torch.distributed gloo): the only CUDA redirections.
 
 megatron-core assumes a GPU in a few places that a CPU model walks through. Each is redirected
 here and nowhere else. Mostly inside megatron's own modules: their global name ``torch`` is
@@ -38,7 +38,8 @@ Model and schedules (module ``torch`` proxied):
 
 Training (module ``torch`` proxied):
 
-- ``distributed.param_and_grad_buffer``: DDP's grad buffers are allocated on ``current_device()``.
+- ``distributed.param_and_grad_buffer``: DDP's grad buffers are allocated on ``current_device()``;
+  megatron-core 0.19 also waits on ``torch.cuda.current_stream()`` before reducing gradients.
 - ``optimizer.optimizer``, ``optimizer.clip_grads``: ``torch.tensor(..., device="cuda")`` scalars
   (loss scale, found-inf flag, grad norm). ``clip_grad_by_total_norm_fp32`` asserts every grad
   is a ``torch.cuda.FloatTensor``: optimizer.py's reference to it is replaced by the same
@@ -134,8 +135,22 @@ class _CudaOnCpu(types.SimpleNamespace):
         # CPU ops (and gloo's waited requests) are already complete.
         return None
 
+    @staticmethod
+    def current_stream(device: Any = None) -> "_NoStream":
+        return _NoStream()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.cuda, name)
+
+
+class _NoStream:
+    """The CPU's one implicit "stream": everything already ran in order, so waits are no-ops."""
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
 
 
 class _RandomOnCpu(types.SimpleNamespace):
