@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sft_throughput import PEAK_TFLOPS, build, flops_per_token, parse_args, random_documents, time_steps  # noqa: E402
+from sft_throughput import (  # noqa: E402
+    PEAK_TFLOPS,
+    build,
+    flops_per_token,
+    machine_name,
+    parse_args,
+    random_documents,
+    time_steps,
+)
 
 from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig  # noqa: E402
@@ -81,7 +88,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
+    name = machine_name(device)
     peak = PEAK_TFLOPS.get(device.type) if dtype == torch.bfloat16 else None
     print(f"machine: {name}; torch {torch.__version__}; preset {args.preset} ({params_m:.1f}M parameters); "
           f"dtype {args.dtype}; {tokens} tokens/step in rows of {row_tokens} packing {doc_tokens}-token documents; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
 import statistics
 import sys
@@ -66,6 +67,16 @@ def time_steps(step, n_steps: int, device: torch.device) -> float:
     return statistics.median(times[1:])  # the first step includes allocator warm-up
 
 
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and core count (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def parse_args(description: str) -> argparse.Namespace:
     """--preset, --device, --dtype, --steps (shared with megatron_sft_throughput.py)."""
     parser = argparse.ArgumentParser(description=description)
@@ -111,7 +122,7 @@ def main() -> None:
     loss_fn = functools.partial(sft_loss, num_target_tokens=float(batch.loss_mask.sum()))
     policy_s = time_steps(lambda: policy.train_step([batch], loss_fn), args.steps, device)
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
+    name = machine_name(device)
     peak = PEAK_TFLOPS.get(device.type) if dtype == torch.bfloat16 else None
     print(f"machine: {name}; torch {torch.__version__}; preset {args.preset}; dtype {args.dtype}; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {tokens} tokens/step")

@@ -1,4 +1,4 @@
-"""Run megatron-core (0.16.1 to 0.19.2) on the CPU (torch.distributed gloo): the only CUDA redirections.
+"""megatron-core (0.16.1 to 0.19.2) on the CPU with gloo: the only CUDA redirections.
 
 megatron-core assumes a GPU in a few places that a CPU model walks through. Each is redirected
 here and nowhere else. Mostly inside megatron's own modules: their global name ``torch`` is
