@@ -10,8 +10,9 @@ per-token logprobs computed without ever gathering the vocabulary (:func:`token_
 
 Every rank runs the same stage loop; data is sharded over data-parallel ranks only
 (``utils.distributed.data_parallel_*``): tensor-, context- and pipeline-parallel peers see
-the same rows (context-parallel ranks then take their own positions of each row). Results that only the last pipeline stage has (logprobs, loss metrics) are broadcast
-to the other stages.
+the same rows (context-parallel ranks then take their own positions of each row). Results
+that only the last pipeline stage has (logprobs, loss metrics) are broadcast to the other
+stages.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastmath_nemo.batch import Batch
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig
 from fastmath_nemo.policy.base import LossFn
 from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf
-from fastmath_nemo.policy.megatron.context_parallel import gather_logprobs, local_positions
+from fastmath_nemo.policy.megatron.context_parallel import gather_logprobs, local_attention_mask, local_positions
 from fastmath_nemo.policy.megatron.convert import gather_hf_weights
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
@@ -185,9 +186,8 @@ class MegatronPolicy:
         if self.cfg.context_parallel_size > 1:
             # queries of this rank's positions against the whole row (context_parallel.py)
             mine = local_positions(micro.width, self.cfg.context_parallel_size, self._cp_rank, micro.input_ids.device)
-            mask = megatron_attention_mask(micro.document_ids)[:, :, mine]
             return model(input_ids=micro.input_ids[:, mine], position_ids=micro.position_ids[:, mine],
-                         attention_mask=mask)
+                         attention_mask=local_attention_mask(micro.document_ids, mine))
         if self.packed_format == "thd":  # all rows as one [1, B * T] sequence of segments
             return model(input_ids=micro.input_ids.reshape(1, -1), position_ids=micro.position_ids.reshape(1, -1),
                          attention_mask=None, packed_seq_params=thd_params(micro.document_ids))
