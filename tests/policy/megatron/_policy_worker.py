@@ -6,11 +6,13 @@ its logprobs (padded rows, and packed rows of two documents) with a single-proce
 TorchPolicy's, takes one SFT step on four rows (two micro-batches; under DP each rank takes
 one of them), and compares the loss and the gathered weights with the TorchPolicy's step on
 the same rows; with ``--save DIR`` it then saves the policy there (every rank takes part).
+Then both take one GRPO step on the same rows, and the gathered weights are compared again.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _megatron_tiny import OPTIMIZER, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
 
-from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
+from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, sft_loss  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
 from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel  # noqa: E402
 from fastmath_nemo.policy.megatron.policy import MegatronPolicy  # noqa: E402
@@ -78,6 +80,17 @@ def main() -> None:
             Path(args.save).mkdir(parents=True)
         dist.barrier()
         policy.save(Path(args.save), extra_state={"step": 1})
+
+    # ... then one GRPO step on the same rows (random advantages, old logprobs of the reference)
+    advantages = torch.randn(batch.num_rows, generator=torch.Generator().manual_seed(1))
+    grpo = batch.with_fields(advantages=advantages, old_logprobs=reference.logprobs(batch))
+    grpo_micro = [grpo.select(slice(0, 2)), grpo.select(slice(2, 4))]
+    loss_fn = functools.partial(grpo_loss, cfg=GRPOLossConfig(beta=0.0, eps_low=0.2, eps_high=0.28))
+    ours = policy.train_step(grpo_micro if dp == 1 else [grpo_micro[rank]], loss_fn)
+    theirs = reference.train_step(grpo_micro, loss_fn)
+    weights = dict(policy.export_weights())
+    result["grpo_grad_norm_diff"] = abs(ours["grad_norm"] - theirs["grad_norm"])
+    result["grpo_weight_diff"] = max(float((weights[k] - expected[k]).abs().max()) for k in expected)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:

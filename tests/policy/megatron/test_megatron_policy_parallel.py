@@ -1,7 +1,7 @@
 """MegatronPolicy on two CPU ranks (torchrun, gloo) at TP=2 (also with sequence parallelism),
 PP=2, CP=2 and DP=2 (also with the distributed optimizer and activation recomputation): the
-logprobs of padded and of packed rows, and one SFT step's loss and updated weights, are those
-of a single-process TorchPolicy on the same rows."""
+logprobs of padded and of packed rows, one SFT step's loss and updated weights, and those
+after a GRPO step, are a single-process TorchPolicy's on the same rows."""
 
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: in
         assert case["packed_logprob_diff"] <= 1e-5, case
         assert case["grad_norm_diff"] <= 1e-5, case
         assert case["weight_diff"] <= 1e-5, case
+        assert case["grpo_grad_norm_diff"] <= 1e-5, case
+        assert case["grpo_weight_diff"] <= 1e-5, case
         if case["loss_diff"] is not None:
             assert case["loss_diff"] <= 1e-5, case
 
