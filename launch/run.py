@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
 from fastmath_nemo.config.loader import ConfigError, load_config  # noqa: E402
+from fastmath_nemo.config.validate import check_model_folders  # noqa: E402
 from fastmath_nemo.data.chat import ChatTemplateError  # noqa: E402
 from fastmath_nemo.data.loading import DataError  # noqa: E402
 from fastmath_nemo.pipeline import run_stage  # noqa: E402
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(name, overrides)
+        check_model_folders(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -152,6 +152,8 @@ BAD_OVERRIDES = [
     ("sft.epochs=abc", "sft.epochs"),
     ("policy.backend=jax", "policy.backend"),
     ("grpo.num_generations=1", "grpo.num_generations"),
+    ("model.path=/nonexistent/model", "model.path"),  # a missing folder, not a hub id to fetch
+    ("sft.init_from=runs/none/sft/final", "sft.init_from"),
 ]
 
 

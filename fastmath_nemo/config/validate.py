@@ -129,6 +129,24 @@ def validate(cfg: s.Config) -> None:
         _error("eval.checkpoint", "stage=eval needs a model: set eval.checkpoint, model.path or model.preset")
 
 
+def check_model_folders(cfg: s.Config) -> None:
+    """Every model folder the stage will read exists (never a hub id: nothing is downloaded).
+    Not part of :func:`validate`: a config names folders that a later run creates."""
+    from pathlib import Path
+
+    folders = {
+        "model.path": cfg.model.path,
+        "sft.init_from": cfg.sft.init_from if cfg.stage in ("sft", "recipe") else None,
+        "grpo.init_from": cfg.grpo.init_from if cfg.stage in ("grpo", "recipe") else None,
+        "eval.checkpoint": cfg.eval.checkpoint if cfg.stage == "eval" else None,
+    }
+    for key, folder in folders.items():
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            hint = " (conf=grpo starts from an SFT result: run conf=sft or conf=recipe first)" \
+                if key == "grpo.init_from" else ""
+            _error(key, f"{folder} is not a local model folder{hint}")
+
+
 def _validate_vllm(cfg: s.Config) -> None:
     """Fail before any work when vLLM is missing or the layout cannot run."""
     from fastmath_nemo.generation.vllm_generator import VLLMUnavailableError, require_vllm
