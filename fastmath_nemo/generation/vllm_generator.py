@@ -20,6 +20,7 @@ weights only, and ``wake`` the rest before the next rollout.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -119,6 +120,9 @@ class VLLMGenerator:
 
         self.cfg = cfg
         self.on_gpu = on_gpu
+        # A trainer's process group (the megatron policy makes one) that the engine joins
+        # rather than creates: it must outlive the engine (see close()).
+        self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.dtype = _engine_dtype(cfg.dtype, on_gpu)
         self.sleep_enabled = on_gpu and cfg.sleep_level > 0
         self.asleep = False
@@ -218,11 +222,41 @@ class VLLMGenerator:
         """Free the engine (its KV cache and weights) before another one is built."""
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
-            engine.engine_core.shutdown()
+            with _keep_default_process_group(self._trainer_group):
+                engine.engine_core.shutdown()
         del self.llm
         gc.collect()
         if self.on_gpu:
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _keep_default_process_group(keep: bool) -> Iterator[None]:
+    """vLLM's in-process engine core tears down torch.distributed when it shuts down
+    (``destroy_distributed_environment`` ends with ``destroy_process_group()``), as if it
+    owned the process. Beside a trainer whose process group it joined, that would leave the
+    trainer's groups dead: with ``keep``, vLLM's own groups are destroyed, the default one kept."""
+    if not keep:
+        yield
+        return
+    from vllm.distributed import parallel_state
+
+    destroy_all = parallel_state.destroy_distributed_environment
+    destroy_group = torch.distributed.destroy_process_group
+
+    def destroy_vllm_groups_only() -> None:
+        torch.distributed.destroy_process_group = (  # type: ignore[assignment]
+            lambda group=None: None if group is None else destroy_group(group))
+        try:
+            destroy_all()
+        finally:
+            torch.distributed.destroy_process_group = destroy_group
+
+    parallel_state.destroy_distributed_environment = destroy_vllm_groups_only
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = destroy_all
 
 
 def _flatten(buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor]]:

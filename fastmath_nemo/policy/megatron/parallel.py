@@ -73,6 +73,8 @@ def init_model_parallel(tp: int, pp: int, seed: int, cp: int = 1) -> None:
     """
     enable_cpu_compat()
     if not dist.is_initialized():
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()  # groups of a process group torn down since
         _init_process_group()
     world_size = dist.get_world_size()
     if world_size % (tp * pp * cp):

