@@ -133,3 +133,45 @@ def test_recipe_with_vllm_rollouts_refit_from_the_megatron_policy(tmp_path: Path
         assert r["rollout/logprob_diff_max"] <= 1e-4 and r["timing/refit_s"] > 0, r
     report = json.loads((tmp_path / "report.json").read_text())
     assert [row["model"] for row in report["evaluations"]] == ["base", "sft", "grpo"]
+
+
+def test_killed_megatron_grpo_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """GRPO (seeded rollouts per step) from an SFT result: a run SIGKILLed after a few
+    checkpoints resumes, refits its sampler from the loaded policy, and ends with the
+    uninterrupted run's rewards, losses and weights."""
+    from _sigkill import sigkill_after_checkpoint
+    from safetensors.torch import load_file
+
+    from fastmath_nemo.checkpoint.atomic import list_checkpoints
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, str(ROOT / "launch" / "run.py"), "policy.backend=megatron", *RECIPE]
+    sft = subprocess.run([*launch, "conf=sft", "sft.epochs=1", f"run.dir={tmp_path / 'sft'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    grpo = [*launch, "conf=grpo", f"grpo.init_from={tmp_path / 'sft' / 'sft' / 'final'}", "grpo.steps=8",
+            "grpo.save_every_steps=1", "grpo.num_generations=4"]
+
+    reference = subprocess.run([*grpo, f"run.dir={tmp_path / 'reference'}"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=600, env=env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = {r["step"]: r for r in map(json.loads, (tmp_path / "reference" / "metrics.jsonl").open())
+                if r["stage"] == "grpo"}
+
+    run_dir = tmp_path / "killed"
+    sigkill_after_checkpoint([*grpo, f"run.dir={run_dir}"], ROOT, env, run_dir / "grpo" / "checkpoints",
+                             tmp_path / "killed.log")
+    last_step, _ = list_checkpoints(run_dir / "grpo" / "checkpoints")[-1]
+    assert 3 <= last_step < 8
+    resumed = subprocess.run([*grpo, f"run.dir={run_dir}", "resume=true"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["stage"] == "grpo"]
+    after = [r for r in records if r["step"] > last_step][-(8 - last_step):]
+    assert [r["step"] for r in after] == list(range(last_step + 1, 9))
+    for r in after:
+        for key in ("reward/mean", "completion/mean_tokens", "loss"):
+            assert r[key] == pytest.approx(expected[r["step"]][key], abs=1e-6), (key, r, expected[r["step"]])
+    ours = load_file(str(run_dir / "grpo" / "final" / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "reference" / "grpo" / "final" / "model.safetensors"))
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) <= 1e-6
