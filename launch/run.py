@@ -15,7 +15,7 @@ from fastmath_nemo.config.validate import check_model_folders  # noqa: E402
 from fastmath_nemo.data.chat import ChatTemplateError  # noqa: E402
 from fastmath_nemo.data.loading import DataError  # noqa: E402
 from fastmath_nemo.pipeline import run_stage  # noqa: E402
-from fastmath_nemo.utils.distributed import setup_logging  # noqa: E402
+from fastmath_nemo.utils.distributed import destroy_distributed, setup_logging  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ChatTemplateError, FileNotFoundError) as err:  # bad input: say what and where
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun: gloo's threads still running at interpreter exit abort the process
+        # (exit code -6 after a finished run), so the process group goes first.
+        destroy_distributed()
     return 0
 
 
