@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config, Qwen3Config
 
@@ -76,3 +79,20 @@ def packed_rows() -> Batch:
     input_ids = torch.randint(1, 96, (2, 14), generator=gen) * (document_ids > 0)
     return Batch(input_ids=input_ids, position_ids=position_ids, document_ids=document_ids,
                  loss_mask=(document_ids > 0).float())
+
+
+def max_abs_diff(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor]) -> float:
+    """Largest elementwise ``|ours[k] - theirs[k]|`` over the names in ``theirs`` (fp32, CPU)."""
+    return max(float((ours[k].float().cpu() - theirs[k].float().cpu()).abs().max()) for k in theirs)
+
+
+def weight_diff(policy: Any, reference: Any) -> float:
+    """:func:`max_abs_diff` of a policy's exported (HF-named) weights and a TorchPolicy's."""
+    return max_abs_diff(dict(policy.export_weights()), dict(reference.model.named_parameters()))
+
+
+def logprob_diff(policy: Any, reference: Any, batch: Batch) -> float:
+    """Largest |logprob difference| of two policies over ``batch``'s real tokens (padding
+    attends differently in the two models and is never a target)."""
+    real = batch.document_ids > 0
+    return float((policy.logprobs(batch) - reference.logprobs(batch))[real].abs().max())

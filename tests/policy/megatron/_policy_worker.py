@@ -25,7 +25,15 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _megatron_tiny import OPTIMIZER, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
+from _megatron_tiny import (  # noqa: E402
+    OPTIMIZER,
+    logprob_diff,
+    max_abs_diff,
+    packed_rows,
+    sft_rows,
+    tiny_hf_model,
+    weight_diff,
+)
 
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, sft_loss  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
@@ -58,21 +66,17 @@ def main() -> None:
     mine = micro if dp == 1 else [micro[rank]]
 
     reference = TorchPolicy(tiny_hf_model(args.model), torch.device("cpu"), temperature=0.7)
-    real = batch.document_ids > 0  # padding attends differently in the two models and is never a target
-    logprob_diff = float((policy.logprobs(batch) - reference.logprobs(batch))[real].abs().max())
-    packed = packed_rows()
-    real = packed.document_ids > 0
-    packed_diff = float((policy.logprobs(packed) - reference.logprobs(packed))[real].abs().max())
+    padded_diff, packed_diff = logprob_diff(policy, reference, batch), logprob_diff(policy, reference, packed_rows())
     policy.setup_optimizer(OPTIMIZER, total_steps=10)
     reference.setup_optimizer(OPTIMIZER, total_steps=10)
     ours, theirs = policy.train_step(mine, sft_loss), reference.train_step(micro, sft_loss)
     weights = dict(policy.export_weights())
     expected = dict(reference.model.named_parameters())
     result = {
-        "rank": rank, "dp": dp, "logprob_diff": logprob_diff, "packed_logprob_diff": packed_diff,
+        "rank": rank, "dp": dp, "logprob_diff": padded_diff, "packed_logprob_diff": packed_diff,
         "loss_diff": abs(ours["loss"] - theirs["loss"]) if dp == 1 else None,
         "grad_norm_diff": abs(ours["grad_norm"] - theirs["grad_norm"]),
-        "weight_diff": max(float((weights[k] - expected[k]).abs().max()) for k in expected),
+        "weight_diff": max_abs_diff(weights, expected),
         "names_match": sorted(weights) == sorted(expected),
     }
     if args.save:
@@ -88,9 +92,8 @@ def main() -> None:
     loss_fn = functools.partial(grpo_loss, cfg=GRPOLossConfig(beta=0.0, eps_low=0.2, eps_high=0.28))
     ours = policy.train_step(grpo_micro if dp == 1 else [grpo_micro[rank]], loss_fn)
     theirs = reference.train_step(grpo_micro, loss_fn)
-    weights = dict(policy.export_weights())
     result["grpo_grad_norm_diff"] = abs(ours["grad_norm"] - theirs["grad_norm"])
-    result["grpo_weight_diff"] = max(float((weights[k] - expected[k]).abs().max()) for k in expected)
+    result["grpo_weight_diff"] = weight_diff(policy, reference)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:

@@ -20,10 +20,17 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _megatron_tiny import OPTIMIZER, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
+from _megatron_tiny import (  # noqa: E402
+    OPTIMIZER,
+    logprob_diff,
+    max_abs_diff,
+    packed_rows,
+    sft_rows,
+    tiny_hf_model,
+    weight_diff,
+)
 
 from fastmath_nemo.algorithms.losses import sft_loss  # noqa: E402
-from fastmath_nemo.batch import Batch  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
 from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
 
@@ -54,27 +61,17 @@ def _reference() -> TorchPolicy:
     return TorchPolicy(tiny_hf_model("qwen2"), torch.device("cpu"), temperature=0.7)
 
 
-def _logprob_diff(policy, reference: TorchPolicy, batch: Batch) -> float:
-    real = batch.document_ids > 0
-    return float((policy.logprobs(batch) - reference.logprobs(batch))[real].abs().max())
-
-
-def _weight_diff(policy, reference: TorchPolicy) -> float:
-    ours, theirs = dict(policy.export_weights()), dict(reference.model.named_parameters())
-    return max(float((ours[k].float().cpu() - theirs[k]).abs().max()) for k in theirs)
-
-
 def _parity(policy, tol: float) -> None:
     """Logprobs of padded and packed rows, then one SFT step, against the CPU PyTorch policy."""
     reference = _reference()
     batch, micro = sft_rows()
-    assert _logprob_diff(policy, reference, batch) <= tol
-    assert _logprob_diff(policy, reference, packed_rows()) <= tol
+    assert logprob_diff(policy, reference, batch) <= tol
+    assert logprob_diff(policy, reference, packed_rows()) <= tol
     for p in (policy, reference):
         p.setup_optimizer(OPTIMIZER, total_steps=10)
     ours, theirs = policy.train_step(micro, sft_loss), reference.train_step(micro, sft_loss)
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=tol)
-    assert _weight_diff(policy, reference) <= tol
+    assert weight_diff(policy, reference) <= tol
 
 
 def test_fp32_matches_the_cpu_pytorch_policy(folder: Path) -> None:
@@ -116,8 +113,7 @@ def test_checkpoint_round_trip_resumes_training(folder: Path, tmp_path: Path, di
     assert torch.equal(first.logprobs(batch), second.logprobs(batch))
     first.train_step(micro, sft_loss)
     second.train_step(micro, sft_loss)
-    ours, theirs = dict(first.export_weights()), dict(second.export_weights())
-    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+    assert max_abs_diff(dict(first.export_weights()), dict(second.export_weights())) <= 1e-6
 
 
 @needs_te

@@ -14,7 +14,7 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _megatron_tiny import OPTIMIZER, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
+from _megatron_tiny import OPTIMIZER, max_abs_diff, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
 
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, sft_loss  # noqa: E402
 from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
@@ -47,7 +47,7 @@ def _max_weight_diff(megatron, torch_policy) -> float:
     mine = dict(megatron.export_weights())
     theirs = dict(torch_policy.model.named_parameters())
     assert mine.keys() == theirs.keys()
-    return max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
+    return max_abs_diff(mine, theirs)
 
 
 def _tokens(batch) -> torch.Tensor:
