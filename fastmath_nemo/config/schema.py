@@ -22,6 +22,7 @@ DTYPES = tuple(MODEL_DTYPES)
 LENGTH_UNITS = ("tokens", "chars")
 DATA_SOURCES = ("synthetic", "files")
 EVAL_MODELS = ("base", "sft", "grpo")
+PACKED_ATTENTION = ("per_document", "dense")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MEGATRON_ATTENTION = ("auto", "te", "sdpa", "unfused")
 MEGATRON_IMPLS = ("auto", "transformer_engine", "local")
@@ -35,6 +36,7 @@ class RunConfig:
     dir: Optional[str] = None  # default runs/<name>
     seed: int = 1234
     log_level: str = "INFO"
+    plan: bool = False  # validate for the world size, print a per-GPU memory estimate, load nothing
 
 
 @dataclass
@@ -54,6 +56,7 @@ class DataConfig:
     skip_bad_rows: bool = False
     max_eval_problems: Optional[int] = None
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    chat_template: Optional[str] = None  # a Jinja string or a file path; replaces the tokenizer's template
 
 
 @dataclass
@@ -91,6 +94,15 @@ class PolicyConfig:
     device: str = "auto"
     dtype: str = "float32"
     micro_batch_rows: int = 16
+    # Token budget of one micro-batch (rows sorted by length, padded width x rows <= budget);
+    # null: micro-batches of micro_batch_rows rows.
+    max_tokens_per_micro_batch: Optional[int] = None
+    # Logprobs from the final hidden states in chunks of this many tokens (logits of one
+    # chunk at a time, recomputed in the backward); 0: whole rows at once ([B, T, V] logits).
+    logprob_chunk_tokens: int = 4096
+    # Packed rows: per_document (attention per document, memory linear in T) or dense (a
+    # [B, 1, T, T] per-document mask; the old path, kept as the benchmarks' baseline).
+    packed_attention: str = "per_document"
     gradient_checkpointing: bool = False
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
 

@@ -31,6 +31,11 @@ def validate(cfg: s.Config) -> None:
     _choice("policy.device", cfg.policy.device, s.DEVICES)
     _choice("policy.dtype", cfg.policy.dtype, s.DTYPES)
     _choice("generation.backend", cfg.generation.backend, s.GENERATION_BACKENDS)
+    _choice("policy.packed_attention", cfg.policy.packed_attention, s.PACKED_ATTENTION)
+    if cfg.policy.logprob_chunk_tokens < 0:
+        _error("policy.logprob_chunk_tokens", f"must be >= 0 (0: whole rows), got {cfg.policy.logprob_chunk_tokens}")
+    if cfg.policy.max_tokens_per_micro_batch is not None:
+        _positive("policy.max_tokens_per_micro_batch", cfg.policy.max_tokens_per_micro_batch)
     _choice("data.source", cfg.data.source, s.DATA_SOURCES)
     _choice("grpo.loss_agg", cfg.grpo.loss_agg, s.LOSS_AGGREGATIONS)
     _choice("grpo.length_unit", cfg.grpo.length_unit, s.LENGTH_UNITS)
