@@ -28,6 +28,7 @@ from fastmath_nemo.checkpoint.atomic import atomic_directory, atomic_write_json,
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.config.loader import to_yaml
 from fastmath_nemo.config.schema import Config
+from fastmath_nemo.data.chat import resolve_chat_template
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.data.synthetic import generate_splits
 from fastmath_nemo.data.tokenizer import build_task_tokenizer
@@ -110,12 +111,18 @@ def base_model_dir(run: Run, data: TaskData) -> Path:
     return target
 
 
-def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_dir: Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder; ``chat_template`` (``data.chat_template``: Jinja text or
+    a file path) replaces its template. Every stage loads through here, so SFT, GRPO and
+    evaluation all render with the configured template, and checkpoints (which save this
+    tokenizer) carry it to later stages and runs."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
     if not tokenizer.chat_template:
-        raise ValueError(f"{model_dir}: the tokenizer has no chat template")
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template (set data.chat_template)")
     return tokenizer
 
 
@@ -152,7 +159,7 @@ def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase
 # -- stages ------------------------------------------------------------------------------
 def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
     cfg = run.cfg
-    checkpoints = CheckpointManager(run.dir / "sft", load_tokenizer(init_dir), cfg.sft.keep_last_checkpoints)
+    checkpoints = CheckpointManager(run.dir / "sft", load_tokenizer(init_dir, cfg.data.chat_template), cfg.sft.keep_last_checkpoints)
     if cfg.resume and checkpoints.is_finished():
         logger.info("SFT already finished: %s", checkpoints.final_dir)
         return checkpoints.final_dir
@@ -179,7 +186,7 @@ def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
 
 def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
     cfg = run.cfg
-    checkpoints = CheckpointManager(run.dir / "grpo", load_tokenizer(init_dir), cfg.grpo.keep_last_checkpoints)
+    checkpoints = CheckpointManager(run.dir / "grpo", load_tokenizer(init_dir, cfg.data.chat_template), cfg.grpo.keep_last_checkpoints)
     if cfg.resume and checkpoints.is_finished():
         logger.info("GRPO already finished: %s", checkpoints.final_dir)
         return checkpoints.final_dir
@@ -197,7 +204,7 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
     cfg = run.cfg
     rows: list[EvalRow] = []
     for name, model_dir in models.items():
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, cfg.data.chat_template)
         generator: Generator | None = None
         for budget in cfg.eval.token_budgets:
             cached = run.dir / "eval" / f"{name}@{budget}.json"

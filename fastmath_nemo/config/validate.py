@@ -128,6 +128,8 @@ def validate(cfg: s.Config) -> None:
         for name in needed:
             if getattr(cfg.data, name) is None:
                 _error(f"data.{name}", f"required by stage={cfg.stage} with data.source=files")
+    if cfg.data.chat_template is not None:
+        _validate_chat_template(cfg.data.chat_template)
     if cfg.stage == "grpo" and cfg.grpo.init_from is None:
         _error("grpo.init_from", "stage=grpo starts from a checkpoint (the SFT result); set its path")
     if cfg.stage == "eval" and cfg.eval.checkpoint is None and cfg.model.path is None and cfg.model.preset is None:
@@ -150,6 +152,17 @@ def check_model_folders(cfg: s.Config) -> None:
             hint = " (conf=grpo starts from an SFT result: run conf=sft or conf=recipe first)" \
                 if key == "grpo.init_from" else ""
             _error(key, f"{folder} is not a local model folder{hint}")
+
+
+def _validate_chat_template(value: str) -> None:
+    """A template string that compiles, or the path of a file holding one (read now, so a typo
+    fails at start-up instead of after the base model is built)."""
+    from fastmath_nemo.data.chat import ChatTemplateError, check_chat_template, resolve_chat_template
+
+    try:
+        check_chat_template(resolve_chat_template(value))
+    except (ChatTemplateError, OSError, UnicodeDecodeError) as e:
+        _error("data.chat_template", str(e))
 
 
 def _validate_vllm(cfg: s.Config) -> None:
