@@ -115,7 +115,7 @@ def sft_example(
     ``</think>``), the example is built in the generation-time layout instead:
     ``prompt_ids(...)`` + the trace's tokens + the tokenizer's eos token (generation stops on
     ``eos_token_id``), with targets on the trace and eos tokens; a note says so once per process.
-    When the generation prompt already ends with the start of the trace (``<think>\n``), that
+    When the generation prompt already ends with the start of the trace (``<think>\\n``), that
     overlap is not repeated.
 
     Raises ``ChatTemplateError`` when a template that keeps the trace does not render the prompt
@@ -137,7 +137,9 @@ def sft_example(
         raise ChatTemplateError(
             "chat template problem: the prompt rendered with add_generation_prompt=True is not a "
             "prefix of the conversation rendered with the assistant reply; SFT would train on a "
-            f"context generation never sees.\n  prompt ends: {prompt_text[-80:]!r}\n"
+            "context generation never sees (set data.chat_template to a template whose generation "
+            "prompt starts its assistant turns)."
+            f"\n  prompt ends: {prompt_text[-80:]!r}\n"
             f"  conversation there: {full_text[max(0, len(prompt_text) - 80) : len(prompt_text)]!r}"
         )
 
@@ -240,7 +242,7 @@ def _render_ids(
 
 def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(f"{type(tokenizer).__name__} has no chat_template set")
+        raise ChatTemplateError(f"{type(tokenizer).__name__} has no chat_template set (set data.chat_template)")
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
