@@ -249,7 +249,12 @@ def start_run(cfg: Config) -> Run:
 
 
 def run_stage(cfg: Config) -> dict[str, Any]:
-    """Run ``cfg.stage``; returns what it produced (model folders, evaluation rows)."""
+    """Run ``cfg.stage``; returns what it produced (model folders, evaluation rows). With
+    ``run.plan``: the per-GPU memory plan only (no process group, weights or run directory)."""
+    if cfg.run.plan:
+        from fastmath_nemo.planning.plan import run_plan
+
+        return run_plan(cfg)
     run = start_run(cfg)
     data = load_task_data(cfg)
     out: dict[str, Any] = {}

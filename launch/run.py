@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.run.log_level)
     try:
         run_stage(cfg)
-    except (DataError, ChatTemplateError, FileNotFoundError) as err:  # bad input: say what and where
+    except (ConfigError, DataError, ChatTemplateError, FileNotFoundError) as err:  # bad input: say what and where
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -37,6 +37,9 @@ class RunConfig:
     seed: int = 1234
     log_level: str = "INFO"
     plan: bool = False  # validate for the world size, print a per-GPU memory estimate, load nothing
+    plan_world_size: Optional[int] = None  # run.plan: ranks to plan for (null: env WORLD_SIZE, else 1)
+    plan_gpu_memory_gib: Optional[float] = None  # run.plan: per-GPU memory (null: this GPU's, else an H100 80GB's)
+    plan_prompt_tokens: int = 512  # run.plan: longest GRPO prompt (the reference truncates at 512)
 
 
 @dataclass

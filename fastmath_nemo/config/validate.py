@@ -23,6 +23,22 @@ def _positive(key: str, value: float) -> None:
         _error(key, f"must be > 0, got {value}")
 
 
+def world_size_for(cfg: s.Config) -> int:
+    """The ranks to validate for: ``run.plan_world_size`` in plan mode when set, else the
+    launcher's WORLD_SIZE (1 outside torchrun)."""
+    if cfg.run.plan and cfg.run.plan_world_size is not None:
+        return cfg.run.plan_world_size
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# vLLM inside multi-rank runs (one engine per model-parallel group) is issue 10; until it
+# lands a torchrun launch is refused at start-up, and a plan reports the same sentence.
+VLLM_MULTI_RANK = ("vllm under torchrun (WORLD_SIZE={world}) is not supported yet: each process would start its "
+                   "own engine, and the engines that share one model-parallel group are issue 10 (vLLM inside "
+                   "multi-rank runs). Until it lands, use generation.backend=torch under torchrun, or one "
+                   "process with generation.backend=vllm (generation.vllm.tensor_parallel_size for a larger model)")
+
+
 def validate(cfg: s.Config) -> None:
     from fastmath_nemo.rewards.functions import REWARD_FUNCTIONS
 
@@ -104,7 +120,12 @@ def validate(cfg: s.Config) -> None:
             _error(f"{key}.betas", "needs two values")
         if not 0.0 <= opt.warmup_ratio < 1.0:
             _error(f"{key}.warmup_ratio", "must be in [0, 1)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_for(cfg)
+    if cfg.run.plan_world_size is not None:
+        _positive("run.plan_world_size", cfg.run.plan_world_size)
+    if cfg.run.plan_gpu_memory_gib is not None:
+        _positive("run.plan_gpu_memory_gib", cfg.run.plan_gpu_memory_gib)
+    _positive("run.plan_prompt_tokens", cfg.run.plan_prompt_tokens)
     if cfg.grpo.prompts_per_step % world:
         _error("grpo.prompts_per_step", f"must be divisible by the number of ranks ({world})")
     if cfg.sft.rows_per_step < world:
@@ -138,9 +159,12 @@ def validate(cfg: s.Config) -> None:
 
 def check_model_folders(cfg: s.Config) -> None:
     """Every model folder the stage will read exists (never a hub id: nothing is downloaded).
-    Not part of :func:`validate`: a config names folders that a later run creates."""
+    Not part of :func:`validate`: a config names folders that a later run creates. A plan
+    (``run.plan``) reads at most ``config.json`` and reports missing folders itself."""
     from pathlib import Path
 
+    if cfg.run.plan:
+        return
     folders = {
         "model.path": cfg.model.path,
         "sft.init_from": cfg.sft.init_from if cfg.stage in ("sft", "recipe") else None,
@@ -180,9 +204,11 @@ def _validate_vllm(cfg: s.Config) -> None:
         # level 2 also drops buffers that a refit does not restore (e.g. rotary caches)
         _error("generation.vllm.sleep_level", f"must be 0 (stay resident) or 1 (offload while training), "
                f"got {v.sleep_level}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _error("generation.backend", "vllm runs one colocated engine per process and does not run under "
-               "torchrun yet; use generation.vllm.tensor_parallel_size for a larger model")
+    if cfg.run.plan:  # the plan reports the multi-rank limit and needs no vLLM on this machine
+        return
+    world = world_size_for(cfg)
+    if world > 1:
+        _error("generation.backend", VLLM_MULTI_RANK.format(world=world))
     import torch
 
     try:
@@ -224,7 +250,7 @@ def _validate_megatron(cfg: s.Config) -> None:
         _choice("policy.megatron.fp8", m.fp8, s.FP8_FORMATS)
     for key in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"):
         _positive(f"policy.megatron.{key}", getattr(m, key))
-    if importlib.util.find_spec("megatron.core") is None:
+    if importlib.util.find_spec("megatron.core") is None and not cfg.run.plan:  # a plan imports nothing
         _error("policy.backend", f"megatron needs megatron-core, which is not installed: {MEGATRON_INSTALL}")
     has_te = importlib.util.find_spec("transformer_engine") is not None
     wants_te = m.transformer_impl == "transformer_engine" or m.attention_backend == "te"
@@ -256,7 +282,7 @@ def _validate_megatron(cfg: s.Config) -> None:
                    f"{tp} must divide the attention heads ({heads}) and key/value heads ({kv_heads})")
         if layers % pp:
             _error("policy.megatron.pipeline_parallel_size", f"{pp} must divide the number of layers ({layers})")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_for(cfg)
     model_parallel = m.tensor_parallel_size * m.pipeline_parallel_size * m.context_parallel_size
     if world % model_parallel:
         _error("policy.megatron.tensor_parallel_size",

@@ -1,0 +1,1 @@
+"""Planning a run before it starts: per-GPU memory estimates and layout checks (``run.plan``)."""
