@@ -138,7 +138,8 @@ def load_policy(run: Run, model_dir: Path, temperature: float = 1.0, backend: st
     model = load_pretrained(model_dir, "float32")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return TorchPolicy(model, run.device, temperature, DTYPES[cfg.dtype])
+    return TorchPolicy(model, run.device, temperature, DTYPES[cfg.dtype],
+                       logprob_chunk_tokens=cfg.logprob_chunk_tokens, packed_attention=cfg.packed_attention)
 
 
 def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase,
@@ -191,9 +192,12 @@ def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
         logger.info("GRPO already finished: %s", checkpoints.final_dir)
         return checkpoints.final_dir
     policy = load_policy(run, init_dir, temperature=cfg.generation.temperature)
-    reference = policy.frozen_copy() if cfg.grpo.beta > 0 else None
+    if cfg.grpo.beta > 0:
+        # The KL reference is this stage's initial weights, kept on the host (before any resume
+        # loads a later checkpoint into the policy).
+        policy.snapshot_reference()
     generator = make_generator(run, init_dir, checkpoints.tokenizer, policy)
-    run_grpo(policy, reference, generator, checkpoints.tokenizer, data.grpo, cfg.grpo, cfg.generation,
+    run_grpo(policy, generator, checkpoints.tokenizer, data.grpo, cfg.grpo, cfg.generation,
              cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed,
              micro_batch_rows=cfg.policy.micro_batch_rows, resume=cfg.resume)
     generator.close()

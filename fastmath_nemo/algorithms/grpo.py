@@ -89,7 +89,6 @@ def score_rollouts(
 
 def run_grpo(
     policy: Policy,
-    reference: Policy | None,
     generator: Generator,
     tokenizer: PreTrainedTokenizerBase,
     records: list[MathRecord],
@@ -148,8 +147,8 @@ def run_grpo(
         old = policy.logprobs(batch)
         batch = batch.with_fields(old_logprobs=old)
         step_metrics.update(logprob_mismatch(old, batch))
-        if reference is not None and cfg.beta > 0:
-            batch = batch.with_fields(ref_logprobs=reference.logprobs(batch))
+        if cfg.beta > 0:  # the weights of policy.snapshot_reference(), swapped in from the host
+            batch = batch.with_fields(ref_logprobs=policy.reference_logprobs(batch))
         for _ in range(cfg.updates_per_batch):
             train = policy.train_step(split_rows(batch, micro_batch_rows), loss_fn)
         t_train = time.perf_counter() - t0

@@ -67,8 +67,11 @@ class TorchGenerator:
             attention[i, width - len(p) :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        # Only the last position's logits are sampled from: logits_to_keep=1 makes the prefill
+        # hold [n, 1, V] instead of [n, width, V] (width x V x 4 bytes per row at fp32).
         logits = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
 
         out_tokens: list[list[int]] = [[] for _ in range(n)]

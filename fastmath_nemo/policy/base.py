@@ -23,6 +23,15 @@ class Policy(Protocol):
         """One optimizer step: accumulate gradients over ``micro_batches``, clip, step, schedule."""
         ...
 
+    def snapshot_reference(self) -> None:
+        """Keep the current weights, off the accelerator, as the KL reference (``grpo.beta > 0``)."""
+        ...
+
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Per-token logprobs [B, T] under the snapshot's weights, without gradients; the
+        training weights (and optimizer state) are exactly as before the call."""
+        ...
+
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Weights under Hugging Face names, one tensor at a time."""
         ...

@@ -1,12 +1,19 @@
 """The PyTorch Policy: a transformers causal LM on the CPU or one CUDA GPU.
 
-Packed rows (several documents per row) get a 4D per-document causal mask; rows with a
-single document get the ordinary 2D padding mask, which keeps the fast SDPA kernels.
+Memory per forward, for B rows of T tokens (H hidden, V vocabulary, c =
+``policy.logprob_chunk_tokens``): logprobs come from the final hidden states chunk by chunk
+(``hf_logprobs.TokenLogprobs``), so at most ``c x V`` fp32 logits exist at once, never
+``B x T x V``. Attention (``policy.packed_attention``): with ``per_document`` (default), rows
+that are packed or padded run one causal SDPA per document (``document_attention``), O(T) per
+row, no mask; full single-document rows keep the plain causal SDPA path. ``dense`` gives packed
+rows the old ``[B, 1, T, T]`` per-document mask (the benchmark baseline).
+
+The KL reference (``grpo.beta > 0``) is a host copy of the weights (``snapshot_reference``),
+swapped into the model for ``reference_logprobs``: no second model on the device.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -19,6 +26,8 @@ from fastmath_nemo.batch import Batch
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import document_attention_mask
 from fastmath_nemo.policy.base import LossFn
+from fastmath_nemo.policy.document_attention import document_marker, enable_per_document_attention
+from fastmath_nemo.policy.hf_logprobs import TokenLogprobs
 from fastmath_nemo.utils.distributed import world_size
 
 logger = logging.getLogger(__name__)
@@ -44,7 +53,11 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
 
 class TorchPolicy:
     """``compute_dtype=bfloat16`` runs forwards under autocast while the weights and AdamW
-    states stay in float32 (mixed precision, as HF Trainer's ``bf16=True``)."""
+    states stay in float32 (mixed precision, as HF Trainer's ``bf16=True``).
+
+    logprob_chunk_tokens: tokens per logits chunk (0 = whole rows, the ``[B, T, V]`` baseline).
+    packed_attention: ``"per_document"`` or ``"dense"`` (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -52,17 +65,28 @@ class TorchPolicy:
         device: torch.device,
         temperature: float = 1.0,
         compute_dtype: torch.dtype = torch.float32,
+        *,
+        logprob_chunk_tokens: int = 4096,
+        packed_attention: str = "per_document",
     ) -> None:
+        if packed_attention not in ("per_document", "dense"):
+            raise ValueError(f"packed_attention must be 'per_document' or 'dense', got {packed_attention!r}")
         self.model = model.to(device)
         self.device = device
         self.compute_dtype = compute_dtype
         # Logprobs are those of softmax(logits / temperature), as the sampler reports them.
         self.temperature = temperature
+        self.packed_attention = packed_attention
+        if packed_attention == "per_document":
+            enable_per_document_attention(self.model)
+        self._logprob_module = TokenLogprobs(self.model, temperature, logprob_chunk_tokens)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.max_grad_norm = 1.0
         # Under torchrun, training forwards go through DDP (gradients averaged over ranks).
-        self._train_module: torch.nn.Module = self.model
+        self._train_module: torch.nn.Module = self._logprob_module
+        # Host copy of the KL reference's weights (snapshot_reference), one tensor per parameter.
+        self._reference: list[torch.Tensor] | None = None
 
     # -- optimisation -------------------------------------------------------------------
     def setup_optimizer(self, cfg: OptimizerConfig, total_steps: int) -> None:
@@ -83,24 +107,28 @@ class TorchPolicy:
             self.optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.min_lr_ratio)
         )
         self.max_grad_norm = cfg.max_grad_norm
-        if world_size() > 1 and self._train_module is self.model:
-            self._train_module = torch.nn.parallel.DistributedDataParallel(self.model)
+        if world_size() > 1 and self._train_module is self._logprob_module:
+            # DDP wraps the logprob module (which owns the LM), so the forward that computes
+            # the loss is DDP's own and the gradients are all-reduced.
+            self._train_module = torch.nn.parallel.DistributedDataParallel(self._logprob_module)
+
+    def _attention_mask(self, document_ids: torch.Tensor) -> torch.Tensor:
+        """The ``attention_mask`` for rows with ``document_ids`` [B, T] (see the module docstring)."""
+        packed = bool((document_ids.max(dim=-1).values > 1).any())
+        padded = bool((document_ids == 0).any())
+        if self.packed_attention == "per_document" and (packed or padded):
+            return document_marker(document_ids)  # [B, 1, 1, T] on the CPU: no T x T anywhere
+        if packed:
+            return document_attention_mask(document_ids.to(self.device), dtype=self.compute_dtype)
+        return (document_ids > 0).long().to(self.device)
 
     def _forward_logprobs(self, batch: Batch, module: torch.nn.Module | None = None) -> torch.Tensor:
-        """[B, T] logprobs of each token given its document's prefix (column 0 is 0)."""
+        """[B, T] fp32 logprobs of each token given its document's prefix (column 0 is 0)."""
+        mask = self._attention_mask(batch.document_ids)  # from the host copy: no device sync
         batch = batch.to(self.device)
-        packed = bool((batch.document_ids.max(dim=-1).values > 1).any())
-        if packed:
-            mask = document_attention_mask(batch.document_ids, dtype=self.compute_dtype)
-        else:
-            mask = (batch.document_ids > 0).long()
         with autocast(self.device, self.compute_dtype):
-            logits = (module or self.model)(
-                input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
-            ).logits[:, :-1]
-        logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        picked = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-        return torch.nn.functional.pad(picked, (1, 0))
+            picked = (module or self._logprob_module)(batch.input_ids, batch.position_ids, mask)
+        return torch.nn.functional.pad(picked.float(), (1, 0))
 
     @torch.no_grad()
     def logprobs(self, batch: Batch, micro_batch_rows: int = 64) -> torch.Tensor:
@@ -146,11 +174,44 @@ class TorchPolicy:
         for name, param in self.model.named_parameters():
             yield name, param.detach()
 
-    def frozen_copy(self) -> "TorchPolicy":
-        """A reference policy for the KL term: same weights, no optimizer, no gradients."""
-        model = copy.deepcopy(self.model).eval()
-        model.requires_grad_(False)
-        return TorchPolicy(model, self.device, self.temperature, self.compute_dtype)
+    # -- KL reference --------------------------------------------------------------------
+    def snapshot_reference(self) -> None:
+        """Keep the current weights on the host as the KL reference (pinned on CUDA, for fast
+        copies). Costs one model of host memory and no device memory; call it before resuming,
+        so the reference stays the stage's initial weights."""
+        pin = self.device.type == "cuda"
+        with torch.no_grad():
+            self._reference = [
+                p.detach().to("cpu", copy=True).pin_memory() if pin else p.detach().to("cpu", copy=True)
+                for p in self.model.parameters()  # tied weights appear once
+            ]
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch, micro_batch_rows: int = 64) -> torch.Tensor:
+        """[B, T] logprobs under the snapshot's weights, without gradients (micro-batched as
+        ``logprobs``).
+
+        The reference weights are exchanged with the training weights in place (``copy_``:
+        the parameter objects the optimizer and DDP hold stay the same) and exchanged back
+        afterwards, bit for bit, also when the forward raises.
+        """
+        if self._reference is None:
+            raise RuntimeError("call snapshot_reference() before reference_logprobs()")
+        self._swap_reference()
+        try:
+            return self.logprobs(batch, micro_batch_rows)
+        finally:
+            self._swap_reference()
+
+    def _swap_reference(self) -> None:
+        """Exchange each parameter's values with its host copy. Only one parameter's worth of
+        extra device memory at a time (the staging clone), not a second model."""
+        assert self._reference is not None
+        with torch.no_grad():
+            for param, host in zip(self.model.parameters(), self._reference):
+                staged = param.detach().clone()
+                param.copy_(host)
+                host.copy_(staged)
 
     def save(self, directory: Path, extra_state: dict | None = None) -> None:
         """HF folder (safetensors + config) plus optimizer / scheduler / loop state."""

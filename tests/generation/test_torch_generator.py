@@ -235,3 +235,33 @@ def test_update_weights_copies_new_weights(tiny_task, prompts):
     gen = TorchGenerator(target, tiny_task.pad_id)
     gen.update_weights(source.named_parameters())
     assert gen.generate(prompts, params).token_ids == expected
+
+
+class _Recorder(torch.nn.Module):
+    """Forwards to ``lm``, recording each call's logits shape; ``full_prefill`` drops
+    ``logits_to_keep`` (the old prefill, which computed logits for every prompt position)."""
+
+    def __init__(self, lm: torch.nn.Module, full_prefill: bool) -> None:
+        super().__init__()
+        self.lm, self.full_prefill, self.shapes = lm, full_prefill, []
+
+    def forward(self, **kwargs):
+        if self.full_prefill:
+            kwargs.pop("logits_to_keep", None)
+        out = self.lm(**kwargs)
+        self.shapes.append(tuple(out.logits.shape))
+        return out
+
+
+def test_prefill_keeps_only_the_last_logits_and_samples_the_same(model, prompts, tiny_task):
+    last_only, full = _Recorder(model, full_prefill=False), _Recorder(model, full_prefill=True)
+    a = _sample(TorchGenerator(last_only, tiny_task.pad_id), prompts, seed=5)
+    b = _sample(TorchGenerator(full, tiny_task.pad_id), prompts, seed=5)
+    vocab = model.config.vocab_size
+    rows, width = 2 * len(prompts), max(len(p) for p in prompts)
+    assert last_only.shapes[0] == (rows, 1, vocab)  # prefill: one position per row
+    assert full.shapes[0] == (rows, width, vocab)  # guards the comparison: the old prefill
+    assert a.token_ids == b.token_ids
+    assert len({tuple(t) for t in a.token_ids}) > 1  # sampled, not one constant completion
+    for x, y in zip(a.logprobs, b.logprobs):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-6, rtol=0)

@@ -1,0 +1,160 @@
+"""Per-document causal attention for packed rows, without a ``[B, 1, T, T]`` mask.
+
+A transformers attention implementation, ``"fastmath_per_document"``, registered with
+``AttentionInterface`` (checked against transformers 5.19). A model switched to it
+(``enable_per_document_attention``) behaves exactly like ``"sdpa"`` for every ordinary call
+(2D padding masks, dense 4D masks, KV-cache decoding: the TorchGenerator shares the model), and
+runs one ``scaled_dot_product_attention(..., is_causal=True)`` per document when it is given a
+*document marker* instead of a mask:
+
+    marker = document_marker(batch.document_ids)        # LongTensor[B, 1, 1, T], on the CPU
+    model(input_ids=..., position_ids=..., attention_mask=marker, use_cache=False)
+
+How the marker reaches the attention function: transformers returns any 4D ``attention_mask``
+from ``create_causal_mask`` untouched and hands it to every layer's attention function, which
+tells it from a real mask by its integer dtype (real masks are bool or floating). Carrying the
+documents in the mask slot (not in extra kwargs) means gradient checkpointing's recomputation
+and DDP see the same call. The marker stays on the CPU so reading the document spans costs no
+device synchronisation.
+
+Memory: SDPA with ``is_causal=True`` and no mask uses the flash / memory-efficient kernels
+(the CPU has a flash kernel too, GQA included), so each document of length L costs O(L) and the
+row O(T), instead of the O(T^2) scores an arbitrary mask forces. Padding positions (document 0)
+attend to nothing and get a zero output (no loss reads them, and nothing attends to them).
+Sliding-window layers are refused (per-document SDPA would ignore the window).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+logger = logging.getLogger(__name__)
+
+PER_DOCUMENT_ATTENTION = "fastmath_per_document"
+
+
+def document_marker(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids LongTensor[B, T] (0 = padding, 1.. = document) -> LongTensor[B, 1, 1, T]
+    on the CPU: the ``attention_mask`` that selects per-document attention (O(T) memory)."""
+    if document_ids.dim() != 2:
+        raise ValueError(f"document_ids must be [B, T], got shape {tuple(document_ids.shape)}")
+    return document_ids.detach().to("cpu", torch.long)[:, None, None, :]
+
+
+def is_document_marker(mask: Any) -> bool:
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.dim() == 4
+        and mask.shape[1] == 1
+        and mask.shape[2] == 1
+        and not mask.dtype.is_floating_point
+        and mask.dtype != torch.bool
+    )
+
+
+def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """LongTensor[B, T] -> per row, the ``(start, end)`` token range of each document in order.
+
+    Documents must be contiguous runs (as ``data/packing.py`` builds them); a document id
+    that appears in two runs would be attended as two documents, so it is an error.
+    """
+    ids = document_ids.cpu()
+    b, t = ids.shape
+    starts = torch.ones(b, t, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    spans: list[list[tuple[int, int]]] = []
+    for row in range(b):
+        begin = starts[row].nonzero().squeeze(-1).tolist()
+        ends = begin[1:] + [t]
+        labels = ids[row, begin].tolist()
+        row_spans = [(s, e) for s, e, doc in zip(begin, ends, labels) if doc != 0]
+        docs = [doc for doc in labels if doc != 0]
+        if len(docs) != len(set(docs)):
+            raise ValueError(f"row {row}: a document is split into several runs (document ids {labels})")
+        spans.append(row_spans)
+    return spans
+
+
+def per_document_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function. query [B, Hq, T, D], key / value [B, Hkv, T, D]
+    -> ([B, T, Hq, D], None), as ``sdpa_attention_forward``; a document marker as
+    ``attention_mask`` selects one causal SDPA call per document, anything else is plain sdpa."""
+    if not is_document_marker(attention_mask):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    assert attention_mask is not None
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("per-document attention does not implement sliding-window layers")
+    b, heads, t, _ = query.shape
+    if key.shape[2] != t or attention_mask.shape[-1] != t:
+        raise ValueError(f"a document marker needs keys for exactly the {t} queries (no KV cache)")
+    gqa = heads != key.shape[1]
+    rows: list[torch.Tensor] = []
+    for row, spans in enumerate(document_spans(attention_mask[:, 0, 0, :])):
+        outputs = [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1, :, s:e], key[row : row + 1, :, s:e], value[row : row + 1, :, s:e],
+                dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+            )
+            for s, e in spans
+        ]
+        # Reassemble the row with zero outputs on padding, in token order.
+        like = outputs[0] if outputs else value[row : row + 1, :, :0]
+        pieces: list[torch.Tensor] = []
+        cursor = 0
+        for (s, e), out in zip(spans, outputs):
+            if s > cursor:
+                pieces.append(like.new_zeros(1, heads, s - cursor, value.shape[-1]))
+            pieces.append(out)
+            cursor = e
+        if cursor < t:
+            pieces.append(like.new_zeros(1, heads, t - cursor, value.shape[-1]))
+        rows.append(torch.cat(pieces, dim=2))
+    attn_output = torch.cat(rows, dim=0)  # [B, Hq, T, D]
+    return attn_output.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    AttentionInterface.register(PER_DOCUMENT_ATTENTION, per_document_attention)
+    # Masks for ordinary calls are built exactly as for sdpa (the function delegates to it).
+    AttentionMaskInterface.register(PER_DOCUMENT_ATTENTION, sdpa_mask)
+
+
+_register()
+
+
+def enable_per_document_attention(model: PreTrainedModel) -> None:
+    """Switch an ``sdpa`` model to ``"fastmath_per_document"`` (in place; idempotent).
+
+    The switch lives on the in-memory config only: ``save_pretrained`` does not write the
+    attention implementation, so checkpoints load anywhere as before.
+    """
+    current = model.config._attn_implementation
+    if current == PER_DOCUMENT_ATTENTION:
+        return
+    if current != "sdpa":
+        raise ValueError(
+            f"policy.packed_attention=per_document needs a model loaded with attn_implementation='sdpa', "
+            f"got {current!r} (or set policy.packed_attention=dense)"
+        )
+    model.set_attn_implementation(PER_DOCUMENT_ATTENTION)
+    if model.config._attn_implementation != PER_DOCUMENT_ATTENTION:
+        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation dynamically")
+    logger.debug("%s: per-document attention for packed rows", type(model).__name__)
