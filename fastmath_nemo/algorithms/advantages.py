@@ -1,19 +1,14 @@
 """Group-relative advantage estimators for GRPO (pure torch).
 
 Rollouts are laid out group-major: ``N = P * G`` rewards for ``P`` prompts with ``G``
-samples each, and row ``p * G + j`` is sample ``j`` of prompt ``p``. Each estimator maps
-``rewards: Tensor[N]`` to one advantage per sequence, ``Tensor[N]``, which is what
-``Batch.advantages`` holds.
+samples each, and row ``p * G + j`` is sample ``j`` of prompt ``p``. ``group_advantages``
+maps ``rewards: Tensor[N]`` to one advantage per sequence, ``Tensor[N]``, which is what
+``Batch.advantages`` holds (GRPO, or Dr.GRPO with ``scale_by_std=False``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-# (rewards[N], group_size) -> advantages[N]
-AdvantageEstimator = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def group_advantages(
@@ -61,28 +56,3 @@ def group_advantages(
             std = torch.zeros_like(grouped)
         centred = centred / (std + eps)
     return centred.reshape(n)
-
-
-def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """GRPO: ``(r - mean_g) / (std_g + 1e-6)``; ``Tensor[N] -> Tensor[N]``."""
-    return group_advantages(rewards, group_size, scale_by_std=True)
-
-
-def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Dr.GRPO: ``r - mean_g`` (no std scaling); ``Tensor[N] -> Tensor[N]``."""
-    return group_advantages(rewards, group_size, scale_by_std=False)
-
-
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    "grpo": grpo_advantages,
-    "dr_grpo": dr_grpo_advantages,
-}
-
-
-def get_advantage_estimator(name: str) -> AdvantageEstimator:
-    """The estimator registered as ``name`` (see ``ADVANTAGE_ESTIMATORS``)."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        valid = ", ".join(sorted(ADVANTAGE_ESTIMATORS))
-        raise ValueError(f"unknown advantage estimator {name!r}; valid names: {valid}") from None

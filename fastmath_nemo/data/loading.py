@@ -180,36 +180,6 @@ def load_records(
     return records
 
 
-def save_records_jsonl(
-    records: Iterable[MathRecord],
-    path: str | os.PathLike[str],
-    *,
-    problem_field: str = "problem",
-    answer_field: str = "answer",
-    trace_field: str | None = None,
-) -> None:
-    """Write records as JSON Lines readable by ``load_records`` with the same field names.
-
-    The trace is written only when ``trace_field`` is given; then every record must have one.
-    The file is written to a temporary name and renamed, so a crash never leaves half a file.
-    """
-    dst = Path(path).expanduser()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i, rec in enumerate(records):
-                row: dict[str, str] = {problem_field: rec.problem, answer_field: rec.answer}
-                if trace_field is not None:
-                    if rec.trace is None:
-                        raise DataError(f"record {i} ({rec.source or 'no source'}) has no trace")
-                    row[trace_field] = rec.trace
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Row validation (shared by all formats)
 
@@ -221,7 +191,9 @@ def _to_record(row: dict[str, Any], fields: _Fields, location: str) -> MathRecor
         value = row.get(name)
         if value is None:
             present = sorted(k for k, v in row.items() if v is not None)
-            return f"missing field {name!r} (non-null fields in this row: {present})"
+            # A column of a table is always present: None there is a null cell, not a missing key.
+            what = "null" if name in row else "missing"
+            return f"{what} field {name!r} (non-null fields in this row: {present})"
         text = _as_text(value, allow_numbers=name != fields.trace)
         if text is None:
             kind = "a string or number" if name != fields.trace else "a string"
@@ -456,7 +428,8 @@ def _json_row_problem(obj: dict[str, Any], fields: _Fields) -> str | None:
     for name in fields.names:
         value = obj.get(name)
         if value is None:
-            return f"missing field {name!r} (fields present: {sorted(obj)})"
+            what = "null" if name in obj else "missing"  # {"answer": null} is there, but empty
+            return f"{what} field {name!r} (fields present: {sorted(obj)})"
         if _as_text(value, allow_numbers=name != fields.trace) is None:
             kind = "a string or number" if name != fields.trace else "a string"
             return f"field {name!r} must be {kind}, got {type(value).__name__}"

@@ -142,23 +142,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over ranks, as a new tensor (input untouched); identity for world 1.
-
-    Integer tensors are averaged in float64. SUM then divide, because ReduceOp.AVG is
-    NCCL-only.
-    """
-    if not _initialized() or dist.get_world_size() == 1:
-        return tensor
-    if tensor.is_floating_point():
-        out = tensor.detach().clone()
-    else:
-        out = tensor.detach().to(torch.float64)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    out /= dist.get_world_size()
-    return out
-
-
 def all_gather_objects(items: list) -> list:
     """Concatenate every data-parallel rank's ``items`` (rank order); the list itself for one."""
     if not _initialized() or data_parallel_size() == 1:

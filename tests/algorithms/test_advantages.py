@@ -7,11 +7,7 @@ import math
 import pytest
 import torch
 
-from fastmath_nemo.algorithms.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    get_advantage_estimator,
-    group_advantages,
-)
+from fastmath_nemo.algorithms.advantages import group_advantages
 
 # Two groups of G = 4.
 # Group 0: [1, 0, 1, 0]: mean 0.5, deviations +-0.5, unbiased var = 4 * 0.25 / 3 = 1/3,
@@ -64,16 +60,3 @@ def test_integer_rewards_are_accepted() -> None:
 def test_bad_shapes_raise(rewards: torch.Tensor, group_size: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         group_advantages(rewards, group_size)
-
-
-def test_registry() -> None:
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo"}
-    torch.testing.assert_close(
-        get_advantage_estimator("grpo")(REWARDS, 4), group_advantages(REWARDS, 4)
-    )
-    torch.testing.assert_close(
-        get_advantage_estimator("dr_grpo")(REWARDS, 4),
-        group_advantages(REWARDS, 4, scale_by_std=False),
-    )
-    with pytest.raises(ValueError, match="dr_grpo, grpo"):
-        get_advantage_estimator("ppo")
