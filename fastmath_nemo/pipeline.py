@@ -134,7 +134,8 @@ def load_policy(run: Run, model_dir: Path, temperature: float = 1.0, backend: st
         from fastmath_nemo.policy.megatron.policy import MegatronPolicy  # megatron-core is optional
 
         return MegatronPolicy(model_dir, cfg.megatron, temperature=temperature, params_dtype=DTYPES[cfg.dtype],
-                              seed=run.cfg.run.seed)
+                              seed=run.cfg.run.seed, logprob_chunk_tokens=cfg.logprob_chunk_tokens,
+                              packed_attention=cfg.packed_attention)
     model = load_pretrained(model_dir, "float32")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -166,3 +166,33 @@ def test_biased_output_head_is_refused() -> None:
     with pytest.raises(ValueError, match="bias-free"):
         TokenLogprobs(model, chunk_tokens=16)
     TokenLogprobs(model, chunk_tokens=0)  # the whole-logits path takes any head
+
+
+def test_policy_train_step_never_holds_row_by_vocabulary_logits() -> None:
+    """A whole TorchPolicy SFT step (forward, loss, backward, optimizer) on 2 rows of 1,024
+    tokens with a 4,096-token vocabulary: with chunks of 256 tokens no tensor is larger than
+    one chunk's logits (``256 x V``); with policy.logprob_chunk_tokens=0 (the baseline) the
+    ``[B, T, V]`` logits appear."""
+    from fastmath_nemo.algorithms.losses import sft_loss
+    from fastmath_nemo.batch import batch_from_sequences
+    from fastmath_nemo.config.schema import OptimizerConfig
+    from fastmath_nemo.policy.torch_policy import TorchPolicy
+
+    b, t, v, chunk = 2, 1024, 4096, 256
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, v, (t,), generator=gen).tolist(), torch.randint(1, v, (t - 100,), generator=gen).tolist()]
+    batch = batch_from_sequences(rows, [[1] * len(r) for r in rows], pad_id=0)
+    config = Qwen2Config(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=t)
+    largest = {}
+    for chunk_tokens in (chunk, 0):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        policy = TorchPolicy(model, torch.device("cpu"), logprob_chunk_tokens=chunk_tokens)
+        policy.setup_optimizer(OptimizerConfig(lr=1e-3, warmup_ratio=0.0), total_steps=1)
+        with LargestTensor() as seen:
+            metrics = policy.train_step([batch], sft_loss)
+        assert metrics["loss"] == pytest.approx(torch.log(torch.tensor(float(v))).item(), rel=0.05)
+        largest[chunk_tokens] = seen
+    assert largest[chunk].numel <= chunk * v, (largest[chunk].op, largest[chunk].shape)
+    assert largest[0].numel >= b * (t - 1) * v  # guards the measurement

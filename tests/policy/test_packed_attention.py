@@ -152,3 +152,21 @@ def test_a_24k_token_packed_row_of_12_documents_trains(monkeypatch: pytest.Monke
     # Largest tensors: logits chunks (4,096 x 96) and [T, 2 * hidden] MLP activations, ~1.5 M;
     # a single document's attention scores would be 4 heads x 2,000^2 = 16 M, the row's 2.3 G.
     assert largest.numel <= 100 * t, (largest.op, largest.shape)
+
+
+def test_gradient_checkpointing_recomputes_per_document_attention() -> None:
+    """The recomputation in the backward sees the same document marker (it travels in the
+    attention_mask slot), so checkpointed gradients equal plain ones exactly."""
+    packed = pack_examples(_docs([21, 9, 30, 14, 5]), max_len=48, pad_id=0)
+    grads = []
+    for checkpointing in (False, True):
+        model = _model()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        policy = TorchPolicy(model, CPU, logprob_chunk_tokens=16)
+        model.train()
+        (policy._forward_logprobs(packed) * packed.loss_mask).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    assert model.is_gradient_checkpointing
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k

@@ -19,6 +19,29 @@ from fastmath_nemo.policy.megatron.convert import hf_to_mcore, padded_vocab_size
 from fastmath_nemo.policy.megatron.norm import SequenceParallelRMSNorm
 
 
+class HiddenStateGPTModel(GPTModel):
+    """``GPTModel`` whose last stage returns the final hidden states ``[s, b, H]`` (after the
+    final norm, before the output layer) when ``return_hidden`` is set, so the policy can
+    compute logprobs from them chunk by chunk (``logprobs.py``) instead of receiving
+    ``[b, s, V / tp]`` logits.
+
+    Why an override of ``_postprocess`` rather than the alternatives: calling ``decoder``
+    directly would duplicate ``forward``'s embedding, RoPE and pipeline-input handling;
+    building the last stage without ``post_process`` would drop the final norm and the
+    output layer's parameters (checkpoints, tied-embedding sync); swapping the output layer
+    for an identity at run time would hide a module from its own model. ``_postprocess``
+    receives the decoder's output and only applies the output layer (and MTP, which this
+    project does not build) to it, so returning before that is the one-line change.
+    """
+
+    return_hidden: bool = False
+
+    def _postprocess(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.return_hidden and self.post_process:
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+
 def build_gpt_model(
     hf_config: Any,
     tcfg: TransformerConfig,
@@ -26,6 +49,7 @@ def build_gpt_model(
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    return_hidden: bool = False,
 ) -> GPTModel:
     """This rank's ``GPTModel`` stage (model parallel must be initialised).
 
@@ -33,6 +57,8 @@ def build_gpt_model(
     whether this is the first / last pipeline stage. Logits are vocab-parallel
     (``parallel_output=True``): ``[b, s, V_pad / tp]`` unless ``runtime_gather_output=True``;
     ``V_pad`` is the HF vocabulary rounded up to a multiple of TP (``padded_vocab_size``).
+    ``return_hidden``: the last stage returns the final hidden states instead
+    (:class:`HiddenStateGPTModel`).
     """
     spec: ModuleSpec | TransformerBlockSubmodules = layer_spec
     if layer_spec.submodules.input_layernorm is SequenceParallelRMSNorm:
@@ -47,7 +73,7 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     rope = rope_settings(hf_config)
-    return GPTModel(
+    model = HiddenStateGPTModel(
         config=tcfg,
         transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(hf_config.vocab_size, tcfg.tensor_model_parallel_size),
@@ -62,6 +88,8 @@ def build_gpt_model(
         rope_scaling_factor=rope.llama3_factor or 8.0,
         seq_len_interpolation_factor=rope.linear_factor,
     )
+    model.return_hidden = return_hidden
+    return model
 
 
 class _SafetensorsDir(Mapping[str, Tensor]):

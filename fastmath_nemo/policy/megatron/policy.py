@@ -6,7 +6,12 @@ machinery: ``get_forward_backward_func`` (pipeline schedules over micro-batches)
 optimizer (``get_megatron_optimizer``: AdamW, fp32 main weights under bf16, gradient
 clipping by the global norm, optionally sharded over data-parallel ranks). The SFT and GRPO
 loss functions are the same pure functions the PyTorch policy calls; they receive
-per-token logprobs computed without ever gathering the vocabulary (:func:`token_logprobs`).
+per-token logprobs computed without ever gathering the vocabulary, from the final hidden
+states a chunk of tokens at a time (``logprobs.py``; ``logprob_chunk_tokens=0``: from
+whole-row logits, :func:`token_logprobs`). Packed rows attend per document (one SDPA call
+per document, ``document_attention.py``; ``packed_attention="dense"``: a per-row mask).
+The KL term's reference policy is a host copy of the weights swapped into the same model
+(:meth:`MegatronPolicy.snapshot_reference`), not a second model.
 
 Every rank runs the same stage loop; data is sharded over data-parallel ranks only
 (``utils.distributed.data_parallel_*``): tensor-, context- and pipeline-parallel peers see
@@ -33,6 +38,7 @@ from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_con
 from fastmath_nemo.policy.megatron.context_parallel import gather_logprobs, local_attention_mask, local_positions
 from fastmath_nemo.policy.megatron.convert import gather_hf_weights
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
+from fastmath_nemo.policy.megatron.logprobs import chunked_logprobs
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
 from fastmath_nemo.policy.megatron.optimizer_state import checkpoint_metadata, finish_load, prepare_for_load
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
@@ -96,7 +102,10 @@ class MegatronPolicy:
         temperature: float = 1.0,
         params_dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        logprob_chunk_tokens: int = 4096,
+        packed_attention: str = "per_document",
     ) -> None:
+        """``logprob_chunk_tokens`` and ``packed_attention`` are ``policy.*`` keys (schema.py)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
         self.on_gpu = torch.cuda.is_available()
@@ -129,11 +138,19 @@ class MegatronPolicy:
         # How rows reach attention: a per-row document mask (SDPA spec) or megatron's packed
         # thd format (Transformer Engine's kernels take no mask tensor; see thd.py).
         self.packed_format = "thd" if attention == "te" else "mask"
+        if packed_attention not in ("per_document", "dense"):
+            raise ValueError(f"packed_attention must be 'per_document' or 'dense', got {packed_attention!r}")
+        # Per-document attention is the SDPA core attention's; megatron's unfused attention
+        # (a reference backend) takes only the dense mask.
+        self.per_document = packed_attention == "per_document" and attention == "sdpa"
         model = build_gpt_model(self.hf_config, self.tcfg, spec)
         if self.on_gpu:
             model.cuda(torch.cuda.current_device())
         load_hf_weights(model, model_dir, self.hf_config)
         self.model = model
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+        self._reference: list[torch.Tensor] | None = None  # snapshot_reference's host copy
+        self._stash: list[torch.Tensor] = []  # the training weights during a reference forward
         self.ddp = DistributedDataParallel(
             self.tcfg,
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -146,6 +163,18 @@ class MegatronPolicy:
         self.weight_decay = 0.0
         self.schedule: tuple[int, int, float] = (1, 0, 0.0)  # total steps, warmup, min ratio
         self.step = 0
+
+    @property
+    def logprob_chunk_tokens(self) -> int:
+        """Tokens per chunk of the logprobs from hidden states; 0: from whole-row logits."""
+        return self._logprob_chunk_tokens
+
+    @logprob_chunk_tokens.setter
+    def logprob_chunk_tokens(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"logprob_chunk_tokens must be >= 0, got {value}")
+        self._logprob_chunk_tokens = value
+        self.model.return_hidden = value > 0  # the last stage then returns hidden states
 
     @property
     def device(self) -> torch.device:
@@ -180,33 +209,70 @@ class MegatronPolicy:
         return lr
 
     # -- forward -----------------------------------------------------------------------------
-    def _forward(self, model: torch.nn.Module, micro: Batch) -> torch.Tensor:
-        """Logits [B, T / cp, V_local] on the last stage (this CP rank's positions; thd format:
-        [1, B * T, V_local]), hidden states elsewhere."""
+    def _uses_thd(self, micro_batches: list[Batch]) -> bool:
+        """Whether this pass feeds rows in the thd format: always for Transformer Engine; for
+        packed rows on the per-document path without context parallelism, where megatron's
+        RoPE then restarts at each document as the Batch's position ids do (in the [s, b]
+        layout it takes row positions, the same angles only in exact arithmetic: at 24k
+        tokens fp32 rounding of the angles moves logprobs by ~1e-4). One format per pass,
+        so pipeline stages exchange one shape."""
+        if self.packed_format == "thd":
+            return True
+        return self.per_document and self.cfg.context_parallel_size == 1 and any(_is_packed(m) for m in micro_batches)
+
+    def _forward(self, model: torch.nn.Module, micro: Batch, thd: bool) -> torch.Tensor:
+        """On the last stage: logits [B, T / cp, V_local] (this CP rank's positions; thd format:
+        [1, B * T, V_local]), or with ``logprob_chunk_tokens`` the final hidden states
+        [T / cp, B, H] ([B * T, 1, H]; under sequence parallelism / tp along the sequence);
+        elsewhere the stage's hidden states.
+
+        Packed rows, per document: thd segments (``_uses_thd``), or under context parallelism
+        the rows' document ids [B, T] in the attention mask's slot (SDPAAttention's
+        per-document path), on the host, where reading the document bounds costs no device
+        synchronisation. Dense: a [B, 1, T, T] mask ([B, 1, T / cp, T] under CP)."""
         if self.cfg.context_parallel_size > 1:
             # queries of this rank's positions against the whole row (context_parallel.py)
             mine = local_positions(micro.width, self.cfg.context_parallel_size, self._cp_rank, micro.input_ids.device)
+            mask = (micro.document_ids.cpu() if self.per_document
+                    else local_attention_mask(micro.document_ids, mine))
             return model(input_ids=micro.input_ids[:, mine], position_ids=micro.position_ids[:, mine],
-                         attention_mask=local_attention_mask(micro.document_ids, mine))
-        if self.packed_format == "thd":  # all rows as one [1, B * T] sequence of segments
+                         attention_mask=mask)
+        if thd:  # all rows as one [1, B * T] sequence of segments
             return model(input_ids=micro.input_ids.reshape(1, -1), position_ids=micro.position_ids.reshape(1, -1),
                          attention_mask=None, packed_seq_params=thd_params(micro.document_ids))
-        packed = bool((micro.document_ids.max(dim=-1).values > 1).any())
-        mask = megatron_attention_mask(micro.document_ids) if packed else None
+        mask = megatron_attention_mask(micro.document_ids) if _is_packed(micro) else None
         return model(input_ids=micro.input_ids, position_ids=micro.position_ids, attention_mask=mask)
 
-    def _batch_logprobs(self, logits: torch.Tensor, micro: Batch) -> torch.Tensor:
-        """[B, T] logprobs in Batch alignment from the last stage's logits (under CP: of this
-        rank's positions, gathered over the CP ranks)."""
+    def _output_weight(self) -> torch.Tensor:
+        """The output layer's weight shard [V_local, H] (the embedding's where they are tied)."""
+        if self.model.share_embeddings_and_output_weights:
+            return self.model.shared_embedding_or_output_weight()
+        return self.model.output_layer.weight
+
+    def _batch_logprobs(self, logits: torch.Tensor, micro: Batch, thd: bool) -> torch.Tensor:
+        """[B, T] logprobs in Batch alignment from the last stage's output (``_forward``; under
+        CP: of this rank's positions, gathered over the CP ranks)."""
         vocab, temperature = self.hf_config.vocab_size, self.temperature
         cp = self.cfg.context_parallel_size
-        if self.packed_format == "thd":
+        chunk = self.logprob_chunk_tokens
+        if chunk == 0 and thd:
             logits = logits.reshape(micro.num_rows, micro.width, -1)
-        if cp == 1:
+        if chunk == 0 and cp == 1:
             return token_logprobs(logits, micro.input_ids, vocab, temperature)
         targets = torch.nn.functional.pad(micro.input_ids[:, 1:], (0, 1))  # the last position has none
-        mine = local_positions(micro.width, cp, self._cp_rank, targets.device)
-        following = gather_logprobs(next_token_logprobs(logits, targets[:, mine], vocab, temperature))
+        if cp > 1:
+            targets = targets[:, local_positions(micro.width, cp, self._cp_rank, targets.device)]
+        if chunk == 0:
+            following = next_token_logprobs(logits, targets, vocab, temperature)
+        else:
+            # hidden [S, B, H] (thd: [B * T, 1, H]): targets in the same sequence-first layout
+            layout = targets.reshape(-1, 1) if thd else targets.t()
+            following = chunked_logprobs(
+                logits, self._output_weight(), layout, vocab_size=vocab, temperature=temperature, chunk_tokens=chunk,
+                sequence_parallel=self.model.output_layer.sequence_parallel,
+            ).t().reshape(targets.shape)
+        if cp > 1:
+            following = gather_logprobs(following)
         return torch.nn.functional.pad(following[:, :-1], (1, 0))
 
     def _run(self, micro_batches: list[Batch], loss_fn: LossFn | None, forward_only: bool) -> list[dict]:
@@ -222,13 +288,14 @@ class MegatronPolicy:
         if multiple > 1:
             micro_batches = [m.padded_to(m.num_rows, -(-m.width // multiple) * multiple) for m in micro_batches]
         micro_batches = [m.to(self.device) for m in micro_batches]
+        thd = self._uses_thd(micro_batches)
 
         def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
             micro = next(data_iterator)
-            output = self._forward(model, micro)
+            output = self._forward(model, micro, thd)
 
             def loss_func(logits: torch.Tensor):
-                logprobs = self._batch_logprobs(logits, micro)
+                logprobs = self._batch_logprobs(logits, micro, thd)
                 if loss_fn is None:
                     return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
                 loss, metrics = loss_fn(logprobs, micro)
@@ -237,7 +304,7 @@ class MegatronPolicy:
             return output, loss_func
 
         rows, width = micro_batches[0].num_rows, micro_batches[0].width
-        if self.packed_format == "thd":  # pipeline stages exchange [B * T, 1, hidden]
+        if thd:  # pipeline stages exchange [B * T, 1, hidden]
             rows, width = 1, rows * width
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.ddp],
@@ -287,13 +354,38 @@ class MegatronPolicy:
         (TP shards all-gathered, pipeline stages broadcast). A collective: every rank iterates."""
         return gather_hf_weights(self.model, self.hf_config)
 
-    def frozen_copy(self) -> "MegatronPolicy":
-        """A reference policy for the KL term: the same layout and weights, no optimizer."""
-        copy = MegatronPolicy(self.model_dir, self.cfg, temperature=self.temperature,
-                              params_dtype=self.params_dtype, seed=self.seed)
-        copy.model.load_state_dict(self.model.state_dict())
-        copy.ddp.requires_grad_(False)
-        return copy
+    # -- the KL term's reference policy ------------------------------------------------------
+    @torch.no_grad()
+    def snapshot_reference(self) -> None:
+        """Keep the current weights as the reference policy: a host copy (pinned on CUDA) of
+        this rank's parameter shards, in the model's dtype. Host memory: one copy of the shards
+        plus a same-sized staging copy for the training weights during
+        :meth:`reference_logprobs`; no second model on the device."""
+        pin = self.on_gpu
+        self._reference = [p.detach().to("cpu", copy=True) for p in self.model.parameters()]
+        if pin:
+            self._reference = [t.pin_memory() for t in self._reference]
+        self._stash = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in self._reference]
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """[B, T] logprobs of ``batch`` under the snapshot's weights (arguments as
+        :meth:`logprobs`), on every rank; the training weights are restored bit for bit.
+
+        The weights are copied into the parameters in place: megatron's DDP parameters are
+        views into its contiguous buffers, and under bf16 the optimizer's fp32 main weights
+        are separate tensors this never touches."""
+        if self._reference is None:
+            raise RuntimeError("call snapshot_reference() before reference_logprobs()")
+        params = list(self.model.parameters())
+        for param, stash, reference in zip(params, self._stash, self._reference):
+            stash.copy_(param)
+            param.copy_(reference)
+        try:
+            return self.logprobs(batch, *args, **kwargs)
+        finally:
+            for param, stash in zip(params, self._stash):
+                param.copy_(stash)
 
     # -- checkpoints -------------------------------------------------------------------------
     # CheckpointManager calls save() on every rank with the same directory (a collective).
@@ -344,6 +436,11 @@ class MegatronPolicy:
         state = torch.load(directory / TRAINER_STATE, weights_only=False)
         self.step = int(state.get("step", 0))
         return state.get("extra", {})
+
+
+def _is_packed(micro: Batch) -> bool:
+    """Whether any row of ``micro`` holds more than one document."""
+    return bool((micro.document_ids.max(dim=-1).values > 1).any())
 
 
 def _same_shape(micro_batches: list[Batch]) -> list[Batch]:

@@ -18,12 +18,18 @@ unchanged from ``GPTModel.forward``:
 No query row may be fully blocked (SDPA returns NaN there; megatron's unfused path would
 attend uniformly).
 
+- integer ``[b, s]``: the rows' ``document_ids`` (``Batch`` convention, 0 = padding), for
+  packed rows: causal attention inside each document, one SDPA call per document
+  (``document_attention.py``), so memory grows with the longest document, not with ``s^2``.
+  This is ``policy.packed_attention=per_document``; a bool mask is the ``dense`` baseline.
+
 Under context parallelism the queries are this rank's slice of the row and keys / values are
-all-gathered to the whole row (``context_parallel.py``); the mask is then ``[b, 1, s / cp, s]``.
+all-gathered to the whole row (``context_parallel.py``); the mask is then the whole rows'
+``document_ids`` [b, s] (queries at this rank's positions) or the dense ``[b, 1, s / cp, s]``.
 
 Packed sequences in megatron's ``thd`` format (``PackedSeqParams``, what Transformer Engine's
-attention consumes, see ``thd.py``) are accepted too, through the equivalent block-diagonal
-causal mask: the CPU tests of that format run on this module.
+attention consumes, see ``thd.py``) are accepted too, one causal SDPA call per ``cu_seqlens``
+segment: the CPU tests of that format run on this module.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -42,8 +48,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
-from fastmath_nemo.policy.megatron.context_parallel import gather_sequence
-from fastmath_nemo.policy.megatron.thd import thd_attention_mask
+from fastmath_nemo.policy.megatron.context_parallel import gather_sequence, local_positions
+from fastmath_nemo.policy.megatron.document_attention import document_attention, segment_bounds
 
 # torch >= 2.5 broadcasts kv heads itself (no repeated K/V in memory).
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -94,22 +100,32 @@ class SDPAAttention(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
     ) -> Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] (np, ng: this TP rank's heads and
-        query groups); attention_mask None, bool or additive [b, 1, sq, sk] (module docstring).
-        Returns the context [sq, b, np * hn]."""
+        query groups); attention_mask None, bool or additive [b, 1, sq, sk], or integer
+        document ids [b, sk] (module docstring). Returns the context [sq, b, np * hn]."""
+        segments = None  # per row, [start, end) of each causal segment (per-document path)
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "thd" or self.config.context_parallel_size > 1:
                 raise ValueError("SDPAAttention takes PackedSeqParams in the thd format, without context parallelism")
-            # [t, h, d] (megatron squeezes the dummy batch of one): back to [t, 1, h, d], and
-            # the block-diagonal causal mask of the packed segments
+            # [t, h, d] (megatron squeezes the dummy batch of one): back to [t, 1, h, d]; one
+            # causal segment per cu_seqlens interval
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
-            attention_mask = ~thd_attention_mask(packed_seq_params.cu_seqlens_q, query.size(0))
+            bounds = packed_seq_params.cu_seqlens_q.tolist()
+            segments = [list(zip(bounds[:-1], bounds[1:]))]
+        elif attention_mask is not None and not attention_mask.is_floating_point() and attention_mask.dim() == 2:
+            segments = segment_bounds(attention_mask)
+            attention_mask = None
         if attention_bias is not None:
             raise ValueError("SDPAAttention does not support attention_bias")
+        query_positions = None
         if self.config.context_parallel_size > 1:
             # this rank's queries against the whole row's keys and values (context_parallel.py)
-            if attention_mask is None:
-                raise ValueError("under context parallelism the policy passes the [b, 1, s / cp, s] mask")
+            if attention_mask is None and segments is None:
+                raise ValueError("under context parallelism the policy passes document ids [b, s] or a "
+                                 "[b, 1, s / cp, s] mask")
             key, value = gather_sequence(key), gather_sequence(value)
+            if segments is not None:
+                rank = parallel_state.get_context_parallel_rank()
+                query_positions = local_positions(key.size(0), self.config.context_parallel_size, rank).tolist()
         sq, sk = query.size(0), key.size(0)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -129,7 +145,7 @@ class SDPAAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         # Like the unfused path: an explicit mask replaces the causal one; one query (decode
         # step against a cache) attends to every key.
-        is_causal = mask is None and mask_type == AttnMaskType.causal and sq > 1
+        is_causal = segments is None and mask is None and mask_type == AttnMaskType.causal and sq > 1
         if is_causal and sq != sk:
             raise ValueError(f"causal self-attention needs sq == sk, got {sq} and {sk}")
 
@@ -141,8 +157,13 @@ class SDPAAttention(MegatronModule):
             else contextlib.nullcontext()
         )
         with rng:
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale, **extra
-            )
+            if segments is not None:
+                context = document_attention(q, k, v, segments, query_positions=query_positions, scale=self.softmax_scale,
+                                             dropout_p=dropout_p, enable_gqa=bool(extra))
+            else:
+                context = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
+                    **extra
+                )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, context.size(0), -1)

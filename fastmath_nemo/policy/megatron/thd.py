@@ -30,10 +30,3 @@ def thd_params(document_ids: Tensor) -> PackedSeqParams:
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
-
-def thd_attention_mask(cu_seqlens: Tensor, total: int) -> Tensor:
-    """Bool ``[1, 1, total, total]``, True = may attend: causal inside each segment."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
-    causal = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril()
-    return ((segment[:, None] == segment[None, :]) & causal)[None, None]

@@ -7,6 +7,9 @@ TorchPolicy's, takes one SFT step on four rows (two micro-batches; under DP each
 one of them), and compares the loss and the gathered weights with the TorchPolicy's step on
 the same rows; with ``--save DIR`` it then saves the policy there (every rank takes part).
 Then both take one GRPO step on the same rows, and the gathered weights are compared again.
+Logprobs come from the hidden states in chunks of 5 tokens (``--logprob-chunk-tokens``, 0:
+whole-row logits) and packed rows attend per document (``--packed-attention dense``: the
+mask path).
 """
 
 from __future__ import annotations
@@ -53,13 +56,17 @@ def main() -> None:
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--sequence-parallel", action="store_true")
+    # small chunks: the logprobs (and gradients) come from several chunks of hidden states
+    parser.add_argument("--logprob-chunk-tokens", type=int, default=5)
+    parser.add_argument("--packed-attention", default="per_document")
     args = parser.parse_args()
 
     cfg = MegatronConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
                          context_parallel_size=args.cp, attention_backend="sdpa",
                          distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute,
                          sequence_parallel=args.sequence_parallel)
-    policy = MegatronPolicy(args.folder, cfg, temperature=0.7)
+    policy = MegatronPolicy(args.folder, cfg, temperature=0.7, logprob_chunk_tokens=args.logprob_chunk_tokens,
+                            packed_attention=args.packed_attention)
     batch, micro = sft_rows()
     rank, world = dist.get_rank(), dist.get_world_size()
     dp = world // (args.tp * args.pp * args.cp)

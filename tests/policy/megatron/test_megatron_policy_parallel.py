@@ -1,5 +1,6 @@
 """MegatronPolicy on two CPU ranks (torchrun, gloo) at TP=2 (also with sequence parallelism),
-PP=2, CP=2 and DP=2 (also with the distributed optimizer and activation recomputation): the
+PP=2, CP=2 (per-document attention and chunked logprobs, and the dense-mask, whole-row
+baseline) and DP=2 (also with the distributed optimizer and activation recomputation): the
 logprobs of padded and of packed rows, one SFT step's loss and updated weights, and those
 after a GRPO step, are a single-process TorchPolicy's on the same rows."""
 
@@ -40,9 +41,12 @@ def _run_worker(tmp_path: Path, tp: int, pp: int, model: str, *extra: str) -> li
 @pytest.mark.parametrize(
     ("tp", "pp", "model", "flags"),
     [(2, 1, "qwen2", ()), (2, 1, "qwen3", ("--sequence-parallel",)), (1, 2, "llama", ()),
-     (1, 1, "qwen3", ("--cp", "2")), (1, 1, "qwen3", ()), (1, 1, "qwen2", ("--distributed-optimizer", "--recompute"))],
-    ids=["tp2-qwen2", "tp2-sequence-parallel-qwen3", "pp2-llama", "cp2-qwen3", "dp2-qwen3",
-         "dp2-qwen2-distributed-optimizer-recompute"],
+     (1, 1, "qwen3", ("--cp", "2")),
+     # the baselines: the [B, 1, T / cp, T] mask and whole-row logits
+     (1, 1, "qwen3", ("--cp", "2", "--packed-attention", "dense", "--logprob-chunk-tokens", "0")),
+     (1, 1, "qwen3", ()), (1, 1, "qwen2", ("--distributed-optimizer", "--recompute"))],
+    ids=["tp2-qwen2", "tp2-sequence-parallel-qwen3", "pp2-llama", "cp2-qwen3", "cp2-qwen3-dense-whole-rows",
+         "dp2-qwen3", "dp2-qwen2-distributed-optimizer-recompute"],
 )
 def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: int, model: str, flags) -> None:
     cases = _run_worker(tmp_path, tp, pp, model, *flags)
