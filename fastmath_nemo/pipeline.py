@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.grpo import run_grpo
+from fastmath_nemo.algorithms.micro_batches import MicroBatching
 from fastmath_nemo.algorithms.sft import run_sft, tokenize_sft
 from fastmath_nemo.checkpoint.atomic import atomic_directory, atomic_write_json, atomic_write_text, is_complete, mark_complete
 from fastmath_nemo.checkpoint.manager import CheckpointManager
@@ -126,6 +127,12 @@ def load_tokenizer(model_dir: Path, chat_template: str | None = None) -> PreTrai
     return tokenizer
 
 
+def micro_batching(run: Run) -> MicroBatching:
+    """``policy.micro_batch_rows`` / ``policy.max_tokens_per_micro_batch`` as the policies'
+    and the loops' micro-batch split."""
+    return MicroBatching(rows=run.cfg.policy.micro_batch_rows, max_tokens=run.cfg.policy.max_tokens_per_micro_batch)
+
+
 def load_policy(run: Run, model_dir: Path, temperature: float = 1.0, backend: str | None = None) -> Policy:
     """``policy.backend``: a transformers model (torch) or a megatron-core GPTModel built from
     the same Hugging Face folder (megatron)."""
@@ -135,12 +142,13 @@ def load_policy(run: Run, model_dir: Path, temperature: float = 1.0, backend: st
 
         return MegatronPolicy(model_dir, cfg.megatron, temperature=temperature, params_dtype=DTYPES[cfg.dtype],
                               seed=run.cfg.run.seed, logprob_chunk_tokens=cfg.logprob_chunk_tokens,
-                              packed_attention=cfg.packed_attention)
+                              packed_attention=cfg.packed_attention, micro_batching=micro_batching(run))
     model = load_pretrained(model_dir, "float32")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return TorchPolicy(model, run.device, temperature, DTYPES[cfg.dtype],
-                       logprob_chunk_tokens=cfg.logprob_chunk_tokens, packed_attention=cfg.packed_attention)
+                       logprob_chunk_tokens=cfg.logprob_chunk_tokens, packed_attention=cfg.packed_attention,
+                       micro_batching=micro_batching(run))
 
 
 def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase,
@@ -180,7 +188,8 @@ def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
         return {"pass@1": summary["pass@1"], "mean_output_tokens": summary["mean_output_tokens"]}
 
     run_sft(policy, sft_data, cfg.sft, checkpoints, run.metrics, seed=cfg.run.seed,
-            micro_batch_rows=cfg.policy.micro_batch_rows, resume=cfg.resume, on_epoch_end=evaluate_epoch)
+            micro_batch_rows=cfg.policy.micro_batch_rows, max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
+            resume=cfg.resume, on_epoch_end=evaluate_epoch)
     for generator in generators:
         generator.close()
     return checkpoints.final_dir
@@ -200,7 +209,8 @@ def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
     generator = make_generator(run, init_dir, checkpoints.tokenizer, policy)
     run_grpo(policy, generator, checkpoints.tokenizer, data.grpo, cfg.grpo, cfg.generation,
              cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed,
-             micro_batch_rows=cfg.policy.micro_batch_rows, resume=cfg.resume)
+             micro_batch_rows=cfg.policy.micro_batch_rows,
+             max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch, resume=cfg.resume)
     generator.close()
     return checkpoints.final_dir
 

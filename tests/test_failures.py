@@ -97,9 +97,9 @@ def test_nan_loss_mid_sft_stops_run_and_keeps_last_checkpoint(tmp_path: Path, mo
     real_loss = sft_module.sft_loss
     calls = {"n": 0}
 
-    def nan_at_step(logprobs, batch, num_target_tokens=None):
+    def nan_at_step(logprobs, batch, totals=None):
         calls["n"] += 1
-        loss, metrics = real_loss(logprobs, batch, num_target_tokens=num_target_tokens)
+        loss, metrics = real_loss(logprobs, batch, totals=totals)
         if calls["n"] == 2 * nan_step:  # second micro-batch of step 5
             loss = loss * float("nan")
         return loss, metrics

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.advantages import group_advantages
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, masked_mean
-from fastmath_nemo.algorithms.sft import split_rows
+from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals
 from fastmath_nemo.batch import Batch, batch_from_sequences
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig
@@ -100,15 +100,20 @@ def run_grpo(
     *,
     seed: int,
     micro_batch_rows: int,
+    max_tokens_per_micro_batch: int | None = None,
     resume: bool = False,
 ) -> None:
+    """GRPO for ``cfg.steps`` steps. Each step's rows on this rank are trained in micro-batches
+    of ``micro_batch_rows`` rows, or by a token budget of ``max_tokens_per_micro_batch`` (rows
+    sorted by length, ``algorithms.micro_batches``); ``cfg.loss_agg`` is normalised over the
+    whole step (all micro-batches, all data-parallel ranks), so the split never changes it."""
     prompts = [prompt_ids(tokenizer, r.problem, system_prompt) for r in records]
     golds = [r.answer for r in records]
     loss_cfg = GRPOLossConfig(
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_agg=cfg.loss_agg,  # type: ignore[arg-type]
         norm_length=gen_cfg.max_tokens, tis_cap=cfg.tis_cap,
     )
-    loss_fn = functools.partial(grpo_loss, cfg=loss_cfg)
+    split = MicroBatching(rows=micro_batch_rows, max_tokens=max_tokens_per_micro_batch)
     policy.setup_optimizer(cfg.optimizer, cfg.steps * cfg.updates_per_batch)  # type: ignore[attr-defined]
     start = 0
     if resume and (latest := checkpoints.latest()) is not None:
@@ -149,8 +154,11 @@ def run_grpo(
         step_metrics.update(logprob_mismatch(old, batch))
         if cfg.beta > 0:  # the weights of policy.snapshot_reference(), swapped in from the host
             batch = batch.with_fields(ref_logprobs=policy.reference_logprobs(batch))
+        micro = micro_batches(batch, split)
+        # the step's totals over every rank's rows: each micro-batch's loss is its share
+        loss_fn = functools.partial(grpo_loss, cfg=loss_cfg, totals=step_totals(micro))
         for _ in range(cfg.updates_per_batch):
-            train = policy.train_step(split_rows(batch, micro_batch_rows), loss_fn)
+            train = policy.train_step(micro, loss_fn)
         t_train = time.perf_counter() - t0
 
         t0 = time.perf_counter()

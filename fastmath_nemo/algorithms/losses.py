@@ -13,6 +13,23 @@ input dtype.
 Tokens outside the mask never contribute, even when their values are ``-inf``/NaN (e.g. a
 padding logprob): they are replaced with 0 *before* any ``exp``, so neither the forward
 value nor the backward pass can see them.
+
+**The step contract** (how micro-batches and data-parallel ranks add up). An optimizer step
+is ``M_r`` micro-batches on each data-parallel rank ``r``. The training loop computes the
+step's :class:`StepTotals` over all of them (``micro_batches.step_totals``, a collective) and
+binds them, e.g. ``functools.partial(grpo_loss, cfg=cfg, totals=totals)``. Every loss is then
+its micro-batch's *share*: a sum over the micro-batch's tokens (or sequences) divided by a
+step total, so that
+
+    sum over ranks r, micro-batches i of loss(r, i) = the loss of all the step's rows as one batch,
+
+exactly, whatever the split. Policies therefore SUM micro-batch losses (their gradients)
+over micro-batches and data-parallel ranks, cancelling the averaging that DDP (over ranks)
+and megatron (over ranks and micro-batches) would apply. Metrics obey the same rule: each
+is a share of the step's value, summed the same way, except keys ending in ``_max``, which
+are maxima (``micro_batches.reduce_step_metrics``). Without totals a loss normalises over
+its own micro-batch (``StepTotals.of`` its mask): that is the step's loss only when the step
+is one micro-batch on one rank (direct calls, unit tests).
 """
 
 from __future__ import annotations
@@ -50,24 +67,60 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp_min(1.0)
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """Counts over a whole optimizer step (every micro-batch on every data-parallel rank),
+    the denominators of every loss aggregation.
+
+    target_tokens: ``sum_{b,t} m[b, t]``, target tokens (token-mean's denominator).
+    sequences: rows with at least one target (seq-mean-token-mean's).
+    rows: all rows, with or without targets (Dr.GRPO's ``B``; padding rows a backend adds
+        are not rows of the step).
+    longest: the widest micro-batch in tokens (Dr.GRPO's ``T`` when no norm_length is set).
+    """
+
+    target_tokens: float
+    sequences: float
+    rows: float
+    longest: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "StepTotals":
+        """The totals of one ``mask[B, T]`` alone (local normalisation)."""
+        rows, width = mask.shape
+        return cls(
+            target_tokens=float(mask.float().sum()),
+            sequences=float((mask != 0).any(dim=-1).sum()),
+            rows=float(rows),
+            longest=int(width),
+        )
+
+
 def aggregate_loss(
     per_token_loss: torch.Tensor,
     mask: torch.Tensor,
     mode: LossAggregation,
     norm_length: int | None = None,
+    totals: StepTotals | None = None,
 ) -> torch.Tensor:
-    """Reduce ``per_token_loss[B, T]`` over ``mask[B, T]`` to a scalar ``Tensor[]``.
+    """Reduce ``per_token_loss[B, T]`` over ``mask[B, T]`` to a scalar ``Tensor[]``: this
+    micro-batch's share of the step's loss (see the step contract above).
 
-    With ``l`` the loss, ``m`` the mask and ``n_b = sum_t m[b, t]``:
+    With ``l`` the loss, ``m`` the mask, ``n_b = sum_t m[b, t]`` and the step's totals
+    ``N`` (target tokens), ``S`` (sequences with targets), ``R`` (rows), ``W`` (longest):
 
-    - ``"token-mean"``: ``sum_{b,t} m l / sum_{b,t} m``. Every target token weighs the same,
-      so long answers weigh more (DAPO's token-level loss). 0 for an empty mask.
-    - ``"seq-mean-token-mean"``: ``mean_{b: n_b > 0} (sum_t m[b] l[b] / n_b)``. Every
+    - ``"token-mean"``: ``sum_{b,t} m l / N``. Every target token weighs the same, so long
+      answers weigh more (DAPO's token-level loss). 0 for an empty mask.
+    - ``"seq-mean-token-mean"``: ``sum_{b: n_b > 0} (sum_t m[b] l[b] / n_b) / S``. Every
       sequence weighs the same (original GRPO); rows without targets are left out.
-    - ``"seq-mean-token-sum-norm"``: ``sum_{b,t} m l / (B * norm_length)`` with a constant
-      ``norm_length`` (``T`` when None). Dr.GRPO: no length-dependent normaliser, so there
+    - ``"seq-mean-token-sum-norm"``: ``sum_{b,t} m l / (R * norm_length)`` with a constant
+      ``norm_length`` (``W`` when None). Dr.GRPO: no length-dependent normaliser, so there
       is no bias towards long wrong or short right answers. Use a fixed value such as the
-      generation's max_tokens so that micro-batches of different width are comparable.
+      generation's max_tokens.
+
+    ``totals`` None: those of ``mask`` alone (``N = sum m``, ``R = B``, ``W = T``), i.e. the
+    mean over this batch. ``N`` and ``S`` are clamped to >= 1, so a step without targets
+    gives 0, never NaN.
     """
     if per_token_loss.shape != mask.shape:
         raise ValueError(
@@ -75,18 +128,19 @@ def aggregate_loss(
         )
     if per_token_loss.dim() != 2:
         raise ValueError(f"expected [B, T] tensors, got shape {tuple(per_token_loss.shape)}")
+    if totals is None:
+        totals = StepTotals.of(mask)
     if mode == "token-mean":
-        return masked_mean(per_token_loss, mask)
+        return masked_sum(per_token_loss, mask) / max(totals.target_tokens, 1.0)
     if mode == "seq-mean-token-mean":
         per_seq = masked_mean(per_token_loss, mask, dim=-1)  # [B]
         has_tokens = (mask != 0).any(dim=-1)  # [B]
-        return masked_mean(per_seq, has_tokens)
+        return masked_sum(per_seq, has_tokens) / max(totals.sequences, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        rows, width = per_token_loss.shape
-        length = width if norm_length is None else norm_length
+        length = totals.longest if norm_length is None else norm_length
         if length <= 0:
             raise ValueError(f"norm_length must be positive, got {length}")
-        return masked_sum(per_token_loss, mask) / (rows * length)
+        return masked_sum(per_token_loss, mask) / (max(totals.rows, 1.0) * length)
     valid = ", ".join(LOSS_AGGREGATIONS)
     raise ValueError(f"unknown loss aggregation {mode!r}; valid modes: {valid}")
 
@@ -102,31 +156,28 @@ def _check_logprobs(logprobs: torch.Tensor, batch: Batch) -> None:
 def sft_loss(
     logprobs: torch.Tensor,
     batch: Batch,
-    num_target_tokens: float | None = None,
+    totals: StepTotals | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Negative log-likelihood of the target tokens.
+    """Negative log-likelihood of the target tokens, this micro-batch's share of the step's
+    token mean: ``sum_{b,t} -m lp / N`` with ``N = totals.target_tokens`` (clamped to >= 1).
 
     Args:
         logprobs: ``Tensor[B, T]`` policy logprobs (with grad).
         batch: uses ``loss_mask[B, T]``.
-        num_target_tokens: global target count ``N`` over the whole gradient-accumulation
-            window. When given the loss is ``sum_{b,t} -m lp / N``, so that summing the
-            losses (gradients) of the micro-batches gives exactly the token mean of the
-            full batch; when None it is the local mean ``sum -m lp / sum m``.
+        totals: the step's totals (see the step contract); None: this batch's own, i.e. the
+            local mean ``sum -m lp / sum m``.
 
     Returns:
-        ``(loss[], {"loss": loss, "num_tokens": sum m})``, metrics detached. With
-        ``num_target_tokens`` the "loss" metric is this micro-batch's share; the shares sum
-        to the full-batch mean.
+        ``(loss[], {"loss": loss, "num_tokens": sum m})``, metrics detached; both are shares:
+        summed over the step's micro-batches and ranks they give the step's token mean and
+        its target count.
     """
     _check_logprobs(logprobs, batch)
-    if num_target_tokens is not None and num_target_tokens <= 0:
-        raise ValueError(f"num_target_tokens must be positive, got {num_target_tokens}")
     lp = logprobs.float()
     mask = batch.loss_mask
     nll_sum = masked_sum(-lp, mask)
     num_tokens = mask.float().sum()
-    denom = num_tokens.clamp_min(1.0) if num_target_tokens is None else float(num_target_tokens)
+    denom = max((totals or StepTotals.of(mask)).target_tokens, 1.0)
     loss = nll_sum / denom
     return loss, {"loss": loss.detach(), "num_tokens": num_tokens.detach()}
 
@@ -186,6 +237,7 @@ def grpo_loss(
     logprobs: torch.Tensor,
     batch: Batch,
     cfg: GRPOLossConfig,
+    totals: StepTotals | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss with optional k3 KL penalty and TIS.
 
@@ -205,11 +257,14 @@ def grpo_loss(
     The TIS weight multiplies only the policy-gradient term: it corrects the sampling
     distribution of the rollouts, while the KL term is already an estimate under ``pi``.
 
-    Returns ``(loss[], metrics)``; metrics are detached 0-d tensors:
-    ``loss``; ``pg_loss`` (aggregated like the loss); ``kl`` (token mean of k3, 0 when
-    beta = 0); ``clip_fraction`` (share of target tokens where the clipped term is the
-    strictly smaller one, i.e. where the gradient is cut); ``ratio_mean`` and ``ratio_max``
-    over target tokens (0 when there are none); ``tis_weight_mean`` when TIS is active.
+    ``totals``: the step's totals (see the step contract); None normalises over this batch.
+
+    Returns ``(loss[], metrics)``; metrics are detached 0-d tensors, shares of the step's
+    value (``ratio_max``: a maximum): ``loss``; ``pg_loss`` (aggregated like the loss);
+    ``kl`` (token mean of k3, 0 when beta = 0); ``clip_fraction`` (share of target tokens
+    where the clipped term is the strictly smaller one, i.e. where the gradient is cut);
+    ``ratio_mean`` and ``ratio_max`` over target tokens (0 when there are none);
+    ``tis_weight_mean`` when TIS is active.
     """
     _check_logprobs(logprobs, batch)
     if batch.advantages is None:
@@ -225,6 +280,13 @@ def grpo_loss(
     mask = batch.loss_mask
     on_target = mask != 0
     zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
+    if totals is None:
+        totals = StepTotals.of(mask)
+    num_targets = max(totals.target_tokens, 1.0)
+
+    def token_mean(x: torch.Tensor) -> torch.Tensor:
+        # this micro-batch's share of the step's token mean of x
+        return masked_sum(x, mask) / num_targets
 
     def _targets(x: torch.Tensor) -> torch.Tensor:
         # Zero non-targets before exp(): a -inf padding logprob would give inf there, and
@@ -246,24 +308,24 @@ def grpo_loss(
         rollout_lp = _targets(batch.rollout_logprobs)
         tis_w = torch.clamp(torch.exp(old_lp - rollout_lp), max=cfg.tis_cap).detach()
         pg = pg * tis_w
-        metrics["tis_weight_mean"] = masked_mean(tis_w, mask)
+        metrics["tis_weight_mean"] = token_mean(tis_w)
 
     per_token = pg
     if cfg.beta > 0:
         assert batch.ref_logprobs is not None  # checked above
         kl = kl_k3(lp, _targets(batch.ref_logprobs))
         per_token = pg + cfg.beta * kl
-        kl_metric = masked_mean(kl, mask)
+        kl_metric = token_mean(kl)
     else:
         kl_metric = zero
 
-    loss = aggregate_loss(per_token, mask, cfg.loss_agg, cfg.norm_length)
+    loss = aggregate_loss(per_token, mask, cfg.loss_agg, cfg.norm_length, totals)
     metrics.update(
         loss=loss,
-        pg_loss=aggregate_loss(pg, mask, cfg.loss_agg, cfg.norm_length),
+        pg_loss=aggregate_loss(pg, mask, cfg.loss_agg, cfg.norm_length, totals),
         kl=kl_metric,
-        clip_fraction=masked_mean(clip_active, mask),
-        ratio_mean=masked_mean(ratio, mask),
+        clip_fraction=token_mean(clip_active),
+        ratio_mean=token_mean(ratio),
         # ratio > 0, so zeroing non-targets cannot raise the max (and gives 0 when empty).
         ratio_max=torch.where(on_target, ratio, zero).max(),
     )

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.losses import sft_loss
+from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals
 from fastmath_nemo.batch import Batch
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.config.schema import SFTConfig
@@ -101,9 +102,14 @@ def run_sft(
     *,
     seed: int,
     micro_batch_rows: int,
+    max_tokens_per_micro_batch: int | None = None,
     resume: bool = False,
     on_epoch_end: Callable[[int], dict[str, float]] | None = None,
 ) -> None:
+    """SFT for ``cfg.epochs`` epochs. Each step's rows on this rank become micro-batches of
+    ``micro_batch_rows`` rows, or by a token budget of ``max_tokens_per_micro_batch``
+    (``algorithms.micro_batches``); the loss is the token mean over the whole step."""
+    split = MicroBatching(rows=micro_batch_rows, max_tokens=max_tokens_per_micro_batch)
     steps_per_epoch = len(step_batches(data, cfg, seed, 0))
     total_steps = cfg.epochs * steps_per_epoch
     policy.setup_optimizer(cfg.optimizer, total_steps)  # type: ignore[attr-defined]
@@ -119,12 +125,10 @@ def run_sft(
         batches = step_batches(data, cfg, seed, epoch)
         for batch in batches[step - epoch * steps_per_epoch :]:
             local = local_rows(batch)
-            micro = split_rows(local, micro_batch_rows)
-            # sft_loss divides by this, train_step averages over micro-batches and DDP over
-            # ranks: the result is the exact token mean of the rows trained in this step.
-            step_tokens = float(batch.loss_mask[: local.num_rows * data_parallel_size()].sum())
-            per_micro_tokens = step_tokens / (len(micro) * data_parallel_size())
-            result = policy.train_step(micro, functools.partial(sft_loss, num_target_tokens=per_micro_tokens))
+            micro = micro_batches(local, split)
+            # sft_loss divides by the step's target tokens (all micro-batches, all ranks) and
+            # train_step sums the shares: the exact token mean of the rows trained in this step.
+            result = policy.train_step(micro, functools.partial(sft_loss, totals=step_totals(micro)))
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{result['loss']:.4f}", epoch=epoch + 1)

@@ -11,16 +11,30 @@ import torch
 from fastmath_nemo.batch import Batch
 
 # (logprobs[B, T], batch) -> (scalar loss, metrics). Pure; see fastmath_nemo/algorithms/losses.py.
+# The loss is the micro-batch's share of the step's loss (its sum over micro-batches and
+# data-parallel ranks is the step's loss), metrics likewise (keys ending in _max: maxima).
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class Policy(Protocol):
     def logprobs(self, batch: Batch) -> torch.Tensor:
-        """Per-token logprobs [B, T] (see Batch for alignment), without gradients."""
+        """Per-token logprobs [B, T] (see Batch for alignment), without gradients, in the
+        batch's row order, computed in the policy's configured micro-batches
+        (``algorithms.micro_batches.MicroBatching``: by rows or by a token budget)."""
         ...
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step: accumulate gradients over ``micro_batches``, clip, step, schedule."""
+        """One optimizer step on this rank's ``micro_batches``: clip, step, schedule.
+
+        The step contract (``algorithms/losses.py``): ``loss_fn`` returns each micro-batch's
+        share of the step's loss, normalised by totals over the whole step (bound by the
+        caller, ``micro_batches.step_totals``). The gradient is the SUM of the shares over
+        micro-batches and data-parallel ranks: implementations cancel their framework's
+        averaging (DDP's mean over ranks, megatron's over ranks and micro-batches), so the
+        step is the same however its rows are split. Returns the loss metrics summed the same
+        way (``*_max``: maxima over the step), i.e. the whole step's values on every rank,
+        plus ``lr`` and ``grad_norm``.
+        """
         ...
 
     def snapshot_reference(self) -> None:

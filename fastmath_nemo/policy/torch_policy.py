@@ -14,6 +14,7 @@ swapped into the model for ``reference_logprobs``: no second model on the device
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from fastmath_nemo.algorithms.micro_batches import MicroBatching, merge_rows, reduce_step_metrics, split_batch
 from fastmath_nemo.batch import Batch
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import document_attention_mask
@@ -31,6 +33,8 @@ from fastmath_nemo.policy.hf_logprobs import TokenLogprobs
 from fastmath_nemo.utils.distributed import world_size
 
 logger = logging.getLogger(__name__)
+# The metric key under which train_step carries each micro-batch's loss through the reduction.
+_LOSS_SUM = "_loss_sum"
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -57,6 +61,7 @@ class TorchPolicy:
 
     logprob_chunk_tokens: tokens per logits chunk (0 = whole rows, the ``[B, T, V]`` baseline).
     packed_attention: ``"per_document"`` or ``"dense"`` (see the module docstring).
+    micro_batching: how ``logprobs`` splits a batch (default: 16 rows at a time).
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class TorchPolicy:
         *,
         logprob_chunk_tokens: int = 4096,
         packed_attention: str = "per_document",
+        micro_batching: MicroBatching | None = None,
     ) -> None:
         if packed_attention not in ("per_document", "dense"):
             raise ValueError(f"packed_attention must be 'per_document' or 'dense', got {packed_attention!r}")
@@ -77,6 +83,8 @@ class TorchPolicy:
         # Logprobs are those of softmax(logits / temperature), as the sampler reports them.
         self.temperature = temperature
         self.packed_attention = packed_attention
+        # How logprobs() splits a batch (policy.micro_batch_rows / max_tokens_per_micro_batch).
+        self.micro_batching = micro_batching or MicroBatching()
         if packed_attention == "per_document":
             enable_per_document_attention(self.model)
         self._logprob_module = TokenLogprobs(self.model, temperature, logprob_chunk_tokens)
@@ -131,33 +139,55 @@ class TorchPolicy:
         return torch.nn.functional.pad(picked.float(), (1, 0))
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch, micro_batch_rows: int = 64) -> torch.Tensor:
+    def logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
+        """[B, T] logprobs of ``batch`` without gradients, on the CPU, in the batch's row order.
+
+        Micro-batches as ``self.micro_batching`` says (by rows, or by a token budget over
+        rows sorted by length); ``micro_batch_rows`` overrides that with a plain row count.
+        Positions past a row's end are 0.
+        """
+        spec = self.micro_batching if micro_batch_rows is None else MicroBatching(rows=micro_batch_rows)
+        micro, groups = split_batch(batch, spec)
         was_training = self.model.training
         self.model.eval()
         try:
-            parts = [
-                self._forward_logprobs(batch.select(slice(i, i + micro_batch_rows))).cpu()
-                for i in range(0, batch.num_rows, micro_batch_rows)
-            ]
+            parts = [self._forward_logprobs(m).cpu() for m in micro]
         finally:
             self.model.train(was_training)
-        return torch.cat(parts)
+        return merge_rows(parts, micro, groups, batch.num_rows, batch.width)
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
-        """Mean of ``loss_fn`` over micro-batches, backward, clip, optimizer and LR step."""
+        """One optimizer step on the SUM of ``loss_fn`` over ``micro_batches`` (each loss is its
+        micro-batch's share of the step, see ``algorithms/losses.py``), backward, clip,
+        optimizer and LR step.
+
+        Under DDP the gradients are all-reduced once, at the last micro-batch (ranks may hold
+        different numbers of micro-batches), and multiplied by the world size to cancel DDP's
+        mean: the step's gradient is the sum of every rank's shares. Metrics are summed over
+        micro-batches and ranks (``*_max``: maxima), so ``loss`` is the whole step's loss. A
+        non-finite loss on any rank raises ``NonFiniteLossError`` on every rank, before the update.
+        """
         if self.optimizer is None or self.scheduler is None:
             raise RuntimeError("call setup_optimizer() before train_step()")
         self.model.train()
-        totals: dict[str, float] = {}
-        for micro in micro_batches:
-            micro = micro.to(self.device)
-            loss, metrics = loss_fn(self._forward_logprobs(micro, self._train_module), micro)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(f"loss is {loss.item()} (metrics: { {k: float(v) for k, v in metrics.items()} })")
-            (loss / len(micro_batches)).backward()
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / len(micro_batches)
+        ddp = isinstance(self._train_module, torch.nn.parallel.DistributedDataParallel)
+        # DDP divides the all-reduced gradient by the world size; the shares must add up instead.
+        scale = float(world_size()) if ddp else 1.0
+        per_micro: list[dict[str, torch.Tensor]] = []
+        for index, micro in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with self._train_module.no_sync() if ddp and not last else contextlib.nullcontext():  # type: ignore[operator]
+                micro = micro.to(self.device)
+                loss, metrics = loss_fn(self._forward_logprobs(micro, self._train_module), micro)
+                # Backward even through a non-finite loss: every rank must reach the all-reduce;
+                # the check below then stops all of them together.
+                (loss * scale).backward()
+            per_micro.append({**metrics, _LOSS_SUM: loss.detach()})
+        totals = reduce_step_metrics(per_micro)  # sums over ranks: a NaN anywhere is seen everywhere
+        loss_sum = totals.pop(_LOSS_SUM)
+        if not math.isfinite(loss_sum):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"loss is {loss_sum} (metrics: {totals})")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)

@@ -142,6 +142,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_data_parallel(tensor: torch.Tensor, op: Literal["sum", "max"] = "sum") -> torch.Tensor:
+    """``tensor`` summed (or maxed) over the data-parallel ranks, as a new tensor on the input's
+    device; the tensor itself for one rank or an empty tensor. NCCL groups reduce a CUDA copy."""
+    group = _dp_group()
+    if not _initialized() or data_parallel_size() == 1 or tensor.numel() == 0:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else tensor.device
+    out = tensor.detach().to(device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return out.to(tensor.device)
+
+
 def all_gather_objects(items: list) -> list:
     """Concatenate every data-parallel rank's ``items`` (rank order); the list itself for one."""
     if not _initialized() or data_parallel_size() == 1:

@@ -13,6 +13,7 @@ import torch
 
 from fastmath_nemo.algorithms.losses import (
     GRPOLossConfig,
+    StepTotals,
     aggregate_loss,
     grpo_loss,
     kl_k3,
@@ -99,6 +100,44 @@ def test_seq_mean_skips_rows_without_targets() -> None:
     assert aggregate_loss(LOSS, mask, "seq-mean-token-mean").item() == pytest.approx(1.5)
 
 
+# The same two rows as two micro-batches (row 0 alone, row 1 trimmed to width 1) with the
+# step's totals N = 3 tokens, S = 2 sequences, R = 2 rows, W = 3:
+#   token-mean              shares (1 + 2) / 3 = 1      and 4 / 3 = 1.333333  -> 2.333333
+#   seq-mean-token-mean     shares 1.5 / 2 = 0.75       and 4 / 2 = 2         -> 2.75
+#   seq-mean-token-sum-norm shares 3 / (2 * 3) = 0.5    and 4 / 6 = 0.666667  -> 1.166667
+# Local means would give 1.5 + 4 (token-mean), and Dr.GRPO's B = 1, T = 1 for row 1 alone: 3/3 + 4/1.
+STEP = StepTotals(target_tokens=3, sequences=2, rows=2, longest=3)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shares"),
+    [("token-mean", (1.0, 4.0 / 3.0)), ("seq-mean-token-mean", (0.75, 2.0)), ("seq-mean-token-sum-norm", (0.5, 4.0 / 6.0))],
+)
+def test_micro_batch_shares_sum_to_the_full_batch(mode: str, shares: tuple[float, float]) -> None:
+    parts = (aggregate_loss(LOSS[:1], MASK[:1], mode, None, STEP),  # type: ignore[arg-type]
+             aggregate_loss(LOSS[1:, :1], MASK[1:, :1], mode, None, STEP))  # type: ignore[arg-type]
+    assert [p.item() for p in parts] == pytest.approx(list(shares), abs=1e-6)
+    full = aggregate_loss(LOSS, MASK, mode)  # type: ignore[arg-type]
+    assert sum(p.item() for p in parts) == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_grpo_metrics_are_shares_of_the_step() -> None:
+    """Two one-token micro-batches with ratios e and 1 (advantage 1, no KL): the clipped one
+    counts once in clip_fraction over N = 2 step tokens, so the shares are 1/2 and 0;
+    ratio_mean shares are e/2 and 1/2 (mean (e + 1) / 2), ratio_max stays a per-batch max."""
+    totals = StepTotals(target_tokens=2, sequences=2, rows=2, longest=2)
+    metrics = []
+    for log_ratio in (1.0, 0.0):
+        lp = torch.tensor([[0.0, log_ratio]])
+        batch = make_batch([[0.0, 1.0]], advantages=torch.tensor([1.0]), old_logprobs=torch.zeros(1, 2))
+        metrics.append(grpo_loss(lp, batch, NO_KL, totals)[1])
+    assert [m["clip_fraction"].item() for m in metrics] == pytest.approx([0.5, 0.0])
+    assert [m["ratio_mean"].item() for m in metrics] == pytest.approx([E / 2, 0.5])
+    assert [m["ratio_max"].item() for m in metrics] == pytest.approx([E, 1.0])
+    # token-mean pg: -min(e, 1.2) / 2 = -0.6 and -1 / 2 = -0.5
+    assert [m["loss"].item() for m in metrics] == pytest.approx([-0.6, -0.5])
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_empty_mask_gives_zero(mode: str) -> None:
     empty = torch.zeros_like(MASK)
@@ -137,11 +176,12 @@ def test_sft_local_mean_and_gradient() -> None:
 
 def test_sft_global_normaliser() -> None:
     lp = torch.tensor(SFT_LP)
-    loss, metrics = sft_loss(lp, make_batch(SFT_MASK), num_target_tokens=4)
+    loss, metrics = sft_loss(lp, make_batch(SFT_MASK), StepTotals(target_tokens=4, sequences=2, rows=2, longest=3))
     assert loss.item() == pytest.approx(1.5)
     assert metrics["num_tokens"].item() == 3.0
-    with pytest.raises(ValueError, match="num_target_tokens"):
-        sft_loss(lp, make_batch(SFT_MASK), num_target_tokens=0)
+    # a step without any target gives 0, not NaN (the denominator is clamped to 1)
+    empty, _ = sft_loss(lp, make_batch([[0.0] * 3] * 2), StepTotals(0, 0, 2, 3))
+    assert empty.item() == 0.0
 
 
 def test_sft_micro_batches_sum_to_full_batch_mean() -> None:
@@ -150,7 +190,8 @@ def test_sft_micro_batches_sum_to_full_batch_mean() -> None:
     full, _ = sft_loss(lp, batch)
     total = batch.loss_mask.sum().item()  # 3 tokens in the whole window
     # Row 0 contributes (1 + 2) / 3 = 1, row 1 contributes 3 / 3 = 1; sum = 2 = full mean.
-    parts = [sft_loss(lp[i : i + 1], batch.select(slice(i, i + 1)), total)[0] for i in range(2)]
+    totals = StepTotals(target_tokens=total, sequences=2, rows=2, longest=3)
+    parts = [sft_loss(lp[i : i + 1], batch.select(slice(i, i + 1)), totals)[0] for i in range(2)]
     assert [p.item() for p in parts] == pytest.approx([1.0, 1.0])
     assert sum(p.item() for p in parts) == pytest.approx(full.item())
     # A local mean per micro-batch would give (1.5 + 3) / 2 = 2.25, the bias this avoids.

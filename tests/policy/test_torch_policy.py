@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastmath_nemo.algorithms.losses import sft_loss
+from fastmath_nemo.algorithms.micro_batches import step_totals
 from fastmath_nemo.batch import batch_from_sequences
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import pack_examples, unpacked_batch
@@ -79,22 +80,26 @@ def test_sft_train_step_lowers_the_loss(tiny_task, batch):
     assert lrs[-1] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 17 / 18)))
 
 
-def test_train_step_metric_is_the_micro_batch_mean(tiny_task, batch):
+def test_train_step_metric_is_the_whole_step_loss(tiny_task, batch):
+    """With the step's totals bound, the reported loss is the token mean of all four rows,
+    not the mean of the two halves' means."""
     policy = _policy(tiny_task)
     halves = [batch.select(slice(0, 2)), batch.select(slice(2, 4))]
-    expected = sum(_eval_loss(policy, h) for h in halves) / 2
-    metrics = policy.train_step(halves, sft_loss)
+    expected = _eval_loss(policy, batch)
+    assert abs(expected - sum(_eval_loss(policy, h) for h in halves) / 2) > 1e-4  # the two differ
+    metrics = policy.train_step(halves, functools.partial(sft_loss, totals=step_totals(halves)))
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["num_tokens"] == float(batch.loss_mask.sum())
 
 
 def test_micro_batches_accumulate_to_the_full_batch_step(tiny_task, batch):
-    """Two micro-batches with sft_loss's global token count (as algorithms/sft.py passes it:
-    total tokens / number of micro-batches) take the same step as one full micro-batch."""
+    """Two micro-batches with the step's totals (as algorithms/sft.py binds them) take the
+    same step as one full micro-batch."""
     halves = [batch.select(slice(0, 2)), batch.select(slice(2, 4))]
     counts = [float(h.loss_mask.sum()) for h in halves]
     assert counts[0] != counts[1]  # an unweighted mean of the halves would differ
     split, whole = _policy(tiny_task), _policy(tiny_task)
-    m_split = split.train_step(halves, functools.partial(sft_loss, num_target_tokens=sum(counts) / 2))
+    m_split = split.train_step(halves, functools.partial(sft_loss, totals=step_totals(halves)))
     m_whole = whole.train_step([batch], sft_loss)
     assert m_split["loss"] == pytest.approx(m_whole["loss"], rel=1e-5)
     assert m_split["grad_norm"] == pytest.approx(m_whole["grad_norm"], rel=1e-4)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from fastmath_nemo.algorithms.micro_batches import MicroBatching, merge_rows, reduce_step_metrics, split_batch
 from fastmath_nemo.batch import Batch
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig
 from fastmath_nemo.policy.base import LossFn
@@ -44,9 +45,16 @@ from fastmath_nemo.policy.megatron.optimizer_state import checkpoint_metadata, f
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
 from fastmath_nemo.policy.megatron.thd import thd_params
 from fastmath_nemo.policy.torch_policy import TRAINER_STATE, NonFiniteLossError, cosine_with_warmup
-from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0, set_data_parallel_group
+from fastmath_nemo.utils.distributed import (
+    barrier,
+    broadcast_object,
+    data_parallel_size,
+    is_rank0,
+    set_data_parallel_group,
+)
 
 logger = logging.getLogger(__name__)
+_LOSS_SUM = "_loss_sum"  # each micro-batch's loss, carried through the metric reduction
 
 
 def resolve_attention_backend(name: str, transformer_impl: str = "auto") -> str:
@@ -104,8 +112,12 @@ class MegatronPolicy:
         seed: int = 0,
         logprob_chunk_tokens: int = 4096,
         packed_attention: str = "per_document",
+        micro_batching: MicroBatching | None = None,
     ) -> None:
-        """``logprob_chunk_tokens`` and ``packed_attention`` are ``policy.*`` keys (schema.py)."""
+        """``logprob_chunk_tokens`` and ``packed_attention`` are ``policy.*`` keys (schema.py);
+        ``micro_batching`` (``policy.micro_batch_rows`` / ``max_tokens_per_micro_batch``) is
+        how ``logprobs`` splits a batch."""
+        self.micro_batching = micro_batching or MicroBatching()
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
         self.on_gpu = torch.cuda.is_available()
@@ -312,33 +324,50 @@ class MegatronPolicy:
         )
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch, micro_batch_rows: int = 64) -> torch.Tensor:
-        """[B, T] logprobs of ``batch`` (no gradients), on every rank."""
+    def logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
+        """[B, T] logprobs of ``batch`` (no gradients), on every rank, in the batch's row order.
+
+        Micro-batches as ``self.micro_batching`` says (by rows, or by a token budget over rows
+        sorted by length); ``micro_batch_rows`` overrides that with a plain row count.
+        Positions past a row's end are 0.
+        """
+        spec = self.micro_batching if micro_batch_rows is None else MicroBatching(rows=micro_batch_rows)
+        micro, groups = split_batch(batch, spec)
         self.ddp.eval()
         try:
-            micro = [batch.select(slice(i, i + micro_batch_rows)) for i in range(0, batch.num_rows, micro_batch_rows)]
             results = self._run(micro, None, forward_only=True)
         finally:
             self.ddp.train()
-        parts = [r["logprobs"].cpu() for r in results] if results else None
-        return _from_last_stage(None if parts is None else torch.cat(parts)[: batch.num_rows, : batch.width])
+        merged = None
+        if results:  # the last stage: each result may be padded (pipeline shape, CP / SP widths)
+            merged = merge_rows([r["logprobs"].cpu() for r in results], micro, groups, batch.num_rows, batch.width)
+        return _from_last_stage(merged)
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
-        """Mean of ``loss_fn`` over micro-batches (megatron divides each by their number),
-        gradient all-reduce over data-parallel ranks, clip, optimizer and LR step."""
+        """One optimizer step on the SUM of ``loss_fn``'s shares over micro-batches and
+        data-parallel ranks (the step contract, ``algorithms/losses.py``): megatron divides
+        each micro-batch's loss by their number and its DDP averages gradients over the
+        data-parallel ranks, so each loss is multiplied by both here. Then clip, optimizer
+        and LR step. Metrics: summed over micro-batches and data-parallel ranks (``*_max``:
+        maxima), on every rank."""
         if self.optimizer is None:
             raise RuntimeError("call setup_optimizer() before train_step()")
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        results = self._run(micro_batches, loss_fn, forward_only=False)
-        totals = None
-        if results:
-            totals = {k: sum(float(r[k]) for r in results) / len(results) for k in results[0]}
-        totals = _from_last_stage(totals)
+        scale = len(micro_batches) * data_parallel_size()
+
+        def share(logprobs: torch.Tensor, micro: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            loss, metrics = loss_fn(logprobs, micro)
+            return loss * scale, {**metrics, _LOSS_SUM: loss.detach()}
+
+        results = self._run(micro_batches, share, forward_only=False)
+        # the last stage's data-parallel peers are last stages too: they reduce together
+        totals = _from_last_stage(reduce_step_metrics(results) if results else None)
         if not _everywhere(all(torch.isfinite(torch.tensor(v)) for v in totals.values())):
             self.optimizer.zero_grad()
             raise NonFiniteLossError(f"non-finite loss metrics {totals}")
+        totals.pop(_LOSS_SUM)
         totals["lr"] = self._set_lr()
         updated, grad_norm, _ = self.optimizer.step()
         if not updated or grad_norm is None or not torch.isfinite(torch.tensor(grad_norm)):
@@ -445,8 +474,9 @@ def _is_packed(micro: Batch) -> bool:
 
 def _same_shape(micro_batches: list[Batch]) -> list[Batch]:
     """Pipeline schedules exchange activations of one fixed [rows, width] shape: pad every
-    micro-batch to the largest. Padding carries no loss, but an added row still counts in
-    ``seq-mean-token-sum-norm``'s ``B`` (keep micro-batches of equal rows under PP)."""
+    micro-batch to the largest. Added rows and positions are padding: no targets, so they
+    add nothing to any loss; and the losses divide by the step's totals, counted by the
+    loop before this padding, so an added row is not one of Dr.GRPO's ``B`` either."""
     rows = max(m.num_rows for m in micro_batches)
     width = max(m.width for m in micro_batches)
     return [m.padded_to(rows, width) for m in micro_batches]
