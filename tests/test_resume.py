@@ -178,7 +178,7 @@ def test_sigkill_mid_sft_then_resume_continues_after_last_checkpoint(tmp_path: P
     final = run_dir / "sft" / "final"
     assert is_complete(final)
     assert (final / "model.safetensors").is_file()
-    assert torch.load(final / "trainer_state.pt", weights_only=False)["extra"]["step"] == total
+    assert torch.load(final / "trainer_state.pt", weights_only=True)["extra"]["step"] == total
 
 
 # -- CLI: resume=true after a finished recipe ------------------------------------------------------

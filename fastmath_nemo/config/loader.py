@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fastmath_nemo.config.schema import Config
@@ -45,7 +45,8 @@ def _apply_override(merged: DictConfig, item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value")
     try:
-        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+        # resolve=False: an override "${oc.env:TOKEN}" stays an interpolation (see to_yaml).
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]), resolve=False)["value"]
         OmegaConf.update(merged, re.sub(r"\[(\d+)\]", r".\1", key), value, merge=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"config key '{key}': {_reason(err)}") from None
@@ -65,14 +66,42 @@ def load_config(name: str = "recipe", overrides: list[str] | None = None, conf_d
         _apply_override(merged, item)
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        cfg.interpolations = {key: (written, _plain(merged, key)) for key, written in _interpolations(merged)}
     except OmegaConfBaseException as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', None)}': {_reason(err)}") from None
     validate(cfg)
     return cfg
 
 
+def _interpolations(node: DictConfig | ListConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, "${...}" as written) of every interpolated value under ``node``."""
+    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    found: list[tuple[str, str]] = []
+    for key in keys:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_interpolation(node, key):
+            found.append((path, str(node._get_node(key)._value())))  # type: ignore[union-attr]
+        else:
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                found += _interpolations(child, path)
+    return found
+
+
+def _plain(container: DictConfig, key: str) -> Any:
+    """The resolved value at dotted ``key`` as plain Python (containers as dicts and lists)."""
+    value = OmegaConf.select(container, key, throw_on_missing=True)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """``cfg`` as YAML, with every interpolation that still holds its load-time value written
+    as written ("${oc.env:HF_TOKEN}", not the token): what a run writes to config.yaml."""
+    out = OmegaConf.structured(cfg)
+    for key, (written, loaded) in cfg.interpolations.items():
+        if _plain(out, key) == loaded:  # a value changed in code since loading is written as is
+            OmegaConf.update(out, key, written, merge=False, force_add=True)
+    return OmegaConf.to_yaml(out)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -219,3 +219,9 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Not a setting: the loader notes each interpolated value as written (dotted key ->
+    # ("${...}", its value at load time)) so that config.yaml keeps "${oc.env:...}" unresolved
+    # and a secret read from the environment never reaches the disk (see loader.to_yaml).
+    interpolations: dict[str, tuple[str, Any]] = field(
+        default_factory=dict, repr=False, compare=False, metadata={"omegaconf_ignore": True}
+    )

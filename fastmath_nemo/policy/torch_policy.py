@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from fastmath_nemo.algorithms.micro_batches import MicroBatching, merge_rows, reduce_step_metrics, split_batch
 from fastmath_nemo.batch import Batch
+from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, load_trainer_state
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import document_attention_mask
 from fastmath_nemo.policy.base import LossFn
@@ -35,7 +36,6 @@ from fastmath_nemo.utils.distributed import world_size
 logger = logging.getLogger(__name__)
 # The metric key under which train_step carries each micro-batch's loss through the reduction.
 _LOSS_SUM = "_loss_sum"
-TRAINER_STATE = "trainer_state.pt"
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
@@ -264,7 +264,7 @@ class TorchPolicy:
         if missing or unexpected:
             raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         state_path = Path(directory) / TRAINER_STATE
-        state = torch.load(state_path, map_location=self.device, weights_only=False) if state_path.exists() else {}
+        state = load_trainer_state(state_path, map_location=self.device) if state_path.exists() else {}
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])  # type: ignore[union-attr]

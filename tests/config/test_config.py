@@ -323,3 +323,49 @@ def test_megatron_world_size_must_divide_by_the_model_parallel_size(monkeypatch)
     message = _raises(["policy.backend=megatron", "policy.megatron.tensor_parallel_size=2",
                        "grpo.prompts_per_step=48", "sft.rows_per_step=48"])
     assert "'policy.megatron.tensor_parallel_size'" in message and "WORLD_SIZE=3" in message
+
+
+# -- config.yaml never holds a value read from the environment --------------------------------
+FAKE_SECRET = "sk-fake-0123456789abcdef"
+
+
+def test_to_yaml_keeps_env_interpolations_unresolved(tmp_path, monkeypatch):
+    """A ${oc.env:...} value, from a conf file or from the command line, is written as written;
+    the loaded config still holds the resolved value."""
+    monkeypatch.setenv("FASTMATH_TEST_SECRET", FAKE_SECRET)
+    monkeypatch.setenv("FASTMATH_TEST_STEPS", "7")
+    conf = tmp_path / "secret.yaml"
+    conf.write_text(f"defaults: [{CONF_DIR / 'recipe.yaml'}]\n"
+                    "data:\n  system_prompt: 'key ${oc.env:FASTMATH_TEST_SECRET}'\n"
+                    "grpo:\n  optimizer: ${sft.optimizer}\n")
+    cfg = load_config(str(conf), ["grpo.steps=${oc.env:FASTMATH_TEST_STEPS}",
+                                  "grpo.rewards[1].kwargs.max_len=${grpo.steps}"], conf_dir=CONF_DIR)
+    assert cfg.data.system_prompt == f"key {FAKE_SECRET}" and cfg.grpo.steps == 7
+    assert cfg.grpo.optimizer == cfg.sft.optimizer and cfg.grpo.rewards[1].kwargs["max_len"] == 7
+
+    from fastmath_nemo.config.loader import to_yaml
+
+    text = to_yaml(cfg)
+    assert FAKE_SECRET not in text
+    written = OmegaConf.create(text)
+    raw = OmegaConf.to_container(written, resolve=False)
+    assert raw["data"]["system_prompt"] == "key ${oc.env:FASTMATH_TEST_SECRET}"
+    assert raw["grpo"]["steps"] == "${oc.env:FASTMATH_TEST_STEPS}"
+    assert raw["grpo"]["optimizer"] == "${sft.optimizer}"
+    assert raw["grpo"]["rewards"][1]["kwargs"]["max_len"] == "${grpo.steps}"
+    assert int(written.grpo.rewards[1].kwargs.max_len) == 7  # resolves again where the environment is set
+
+    cfg.data.system_prompt = "changed in code"  # not the loaded value any more: written as it is
+    assert OmegaConf.create(to_yaml(cfg)).data.system_prompt == "changed in code"
+
+
+def test_run_directory_config_yaml_holds_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMATH_TEST_SECRET", FAKE_SECRET)
+    cfg = load_config("recipe", [f"run.dir={tmp_path / 'run'}",
+                                 "data.system_prompt=${oc.env:FASTMATH_TEST_SECRET}"])
+    from fastmath_nemo.pipeline import start_run
+
+    run = start_run(cfg)
+    run.metrics.close()
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert FAKE_SECRET not in text and "${oc.env:FASTMATH_TEST_SECRET}" in text

@@ -33,6 +33,7 @@ from transformers import AutoConfig
 
 from fastmath_nemo.algorithms.micro_batches import MicroBatching, merge_rows, reduce_step_metrics, split_batch
 from fastmath_nemo.batch import Batch
+from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, load_trainer_state
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig
 from fastmath_nemo.policy.base import LossFn
 from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf
@@ -44,7 +45,7 @@ from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights
 from fastmath_nemo.policy.megatron.optimizer_state import checkpoint_metadata, finish_load, prepare_for_load
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
 from fastmath_nemo.policy.megatron.thd import thd_params
-from fastmath_nemo.policy.torch_policy import TRAINER_STATE, NonFiniteLossError, cosine_with_warmup
+from fastmath_nemo.policy.torch_policy import NonFiniteLossError, cosine_with_warmup
 from fastmath_nemo.utils.distributed import (
     barrier,
     broadcast_object,
@@ -462,7 +463,7 @@ class MegatronPolicy:
         if self.optimizer is not None and "optimizer" in loaded:
             self.optimizer.load_state_dict(loaded["optimizer"])
             finish_load(self.optimizer)
-        state = torch.load(directory / TRAINER_STATE, weights_only=False)
+        state = load_trainer_state(directory / TRAINER_STATE)
         self.step = int(state.get("step", 0))
         return state.get("extra", {})
 
