@@ -398,8 +398,8 @@ class MegatronPolicy:
         self._stash = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in self._reference]
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """[B, T] logprobs of ``batch`` under the snapshot's weights (arguments as
+    def reference_logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
+        """[B, T] logprobs of ``batch`` under the snapshot's weights (micro-batched as
         :meth:`logprobs`), on every rank; the training weights are restored bit for bit.
 
         The weights are copied into the parameters in place: megatron's DDP parameters are
@@ -412,7 +412,7 @@ class MegatronPolicy:
             stash.copy_(param)
             param.copy_(reference)
         try:
-            return self.logprobs(batch, *args, **kwargs)
+            return self.logprobs(batch, micro_batch_rows)
         finally:
             for param, stash in zip(params, self._stash):
                 param.copy_(stash)
