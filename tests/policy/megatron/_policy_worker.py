@@ -76,6 +76,10 @@ def main() -> None:
     padded_diff, packed_diff = logprob_diff(policy, reference, batch), logprob_diff(policy, reference, packed_rows())
     policy.setup_optimizer(OPTIMIZER, total_steps=10)
     reference.setup_optimizer(OPTIMIZER, total_steps=10)
+    # The reference is one process's run of all the rows on every rank, not a data-parallel
+    # policy: under DDP over the world, its rank copies of the same rows would add up (train_step
+    # sums data-parallel shares), doubling its gradient.
+    reference._train_module = reference._logprob_module
     ours, theirs = policy.train_step(mine, sft_loss), reference.train_step(micro, sft_loss)
     weights = dict(policy.export_weights())
     expected = dict(reference.model.named_parameters())
