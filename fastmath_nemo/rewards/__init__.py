@@ -16,6 +16,7 @@ _EXPORTS = {
     "verify_many": "verify",
     "configure_verifier": "verify",
     "shutdown_verifier": "verify",
+    "VerifierUnavailableError": "verify",
     "completion_lengths": "functions",
     "accuracy_reward": "functions",
     "format_reward": "functions",

@@ -6,6 +6,13 @@ socket; a job that overruns its deadline gets its worker SIGKILLed and replaced,
 which bounds even C-level loops (huge ``int`` powers) that ``signal.alarm`` cannot
 interrupt. Other in-flight jobs are unaffected.
 
+Workers that die for other reasons (the OOM killer, an operator's ``kill``) are restarted: a
+dead idle worker before its next job, a worker that dies during start-up up to
+``_MAX_START_FAILURES`` times in a row, and a job whose worker died under it runs once more on
+a fresh worker (a second crash counts it as failed: the job itself kills workers). When workers
+cannot be started at all, ``run`` raises :class:`PoolUnavailableError`; nothing here ever runs
+a job in the calling process.
+
 Workers are fresh interpreters (``python -m fastmath_nemo.rewards._pool``), not
 multiprocessing children: fork would copy a CUDA/multithreaded trainer, and
 spawn/forkserver re-import the trainer's ``__main__`` in the child.
@@ -31,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 _READY = "__ready__"
 _FAILED = "__failed__"
+_MAX_START_FAILURES = 3  # consecutive deaths before READY, per worker slot
+_MAX_CRASHES_PER_JOB = 2  # a job whose worker died under it once is retried once
+
+
+class PoolUnavailableError(RuntimeError):
+    """Worker processes cannot be started (or restarted); the pool cannot run jobs."""
 
 
 def _qualname(fn: Callable[..., Any] | None) -> str:
@@ -82,6 +95,7 @@ class _Worker:
     proc: subprocess.Popen
     conn: Connection
     spawned_at: float
+    start_failures: int = 0  # consecutive deaths before READY, carried to the replacement
     ready: bool = False
     job: int | None = None
     deadline: float = 0.0
@@ -114,9 +128,14 @@ class TimeoutWorkerPool:
         path = [p or os.getcwd() for p in sys.path]
         self._env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self._workers: list[_Worker] = []
-        self._workers = [self._spawn() for _ in range(num_workers)]
+        try:
+            for _ in range(num_workers):
+                self._workers.append(self._spawn())
+        except PoolUnavailableError:
+            self.close()  # the ones already started
+            raise
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self, start_failures: int = 0) -> _Worker:
         ours, theirs = socket.socketpair()
         try:
             proc = subprocess.Popen(
@@ -126,25 +145,50 @@ class TimeoutWorkerPool:
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
+        except OSError as e:  # process limit, out of memory, no interpreter
+            ours.close()
+            raise PoolUnavailableError(f"cannot start a worker process: {e}") from e
         finally:
             theirs.close()  # only the worker keeps its end, so its death gives us EOF
-        return _Worker(proc, Connection(ours.detach()), time.monotonic())
+        return _Worker(proc, Connection(ours.detach()), time.monotonic(), start_failures)
 
-    def _replace(self, w: _Worker) -> None:
+    def _replace(self, w: _Worker, start_failures: int = 0) -> None:
         w.proc.kill()
         w.proc.wait()
         w.conn.close()
-        self._workers[self._workers.index(w)] = self._spawn()
+        self._workers[self._workers.index(w)] = self._spawn(start_failures)
+
+    def _restart_if_dead(self, w: _Worker) -> bool:
+        """Replace an idle worker whose process has exited; True when it was replaced."""
+        code = w.proc.poll()
+        if code is None:
+            return False
+        logger.warning("worker %d exited (code %s) while idle; restarting it", w.proc.pid, code)
+        self._replace(w)
+        return True
+
+    def _startup_failed(self, w: _Worker, why: str) -> None:
+        """A worker that never became ready: restart it, or raise after too many in a row."""
+        failures = w.start_failures + 1
+        if failures >= _MAX_START_FAILURES:
+            code = w.proc.poll()
+            raise PoolUnavailableError(
+                f"worker {why} {failures} times in a row (last exit code {code}; its error, if any, "
+                f"is on stderr above): workers cannot be started"
+            )
+        logger.warning("worker %d %s; restarting it (%d/%d)", w.proc.pid, why, failures, _MAX_START_FAILURES)
+        self._replace(w, start_failures=failures)
 
     def run(self, jobs: Sequence[tuple], timeout_s: float, default: Any = None) -> list[Any]:
         """Results of ``fn(*jobs[i])`` in order; ``default`` on timeout/error/crash."""
         results: list[Any] = [default] * len(jobs)
+        crashes = [0] * len(jobs)
         todo = deque(range(len(jobs)))
         with self._lock:
             while todo or any(w.job is not None for w in self._workers):
                 now = time.monotonic()
                 for w in list(self._workers):
-                    if w.ready and w.job is None and todo:
+                    if w.ready and w.job is None and todo and not self._restart_if_dead(w):
                         i = todo.popleft()
                         try:
                             w.conn.send((i, jobs[i]))
@@ -164,8 +208,16 @@ class TimeoutWorkerPool:
                         msg = conn.recv()
                     except (EOFError, OSError):
                         if not w.ready:
-                            raise RuntimeError("verifier worker died during startup") from None
-                        logger.warning("verifier worker crashed on job %s; counting it as failed", w.job)
+                            self._startup_failed(w, "died during start-up")
+                            continue
+                        i = w.job
+                        if i is not None:
+                            crashes[i] += 1
+                            if crashes[i] < _MAX_CRASHES_PER_JOB:  # maybe killed from outside: once more
+                                logger.warning("worker died on job %s; running it again on a fresh worker", i)
+                                todo.appendleft(i)
+                            else:
+                                logger.warning("worker died on job %s again; counting it as failed", i)
                         self._replace(w)
                         continue
                     if msg == _READY:
@@ -180,7 +232,7 @@ class TimeoutWorkerPool:
                         logger.warning("verifier job %s exceeded %.2fs; killing its worker", w.job, timeout_s)
                         self._replace(w)
                     elif not w.ready and now >= w.spawned_at + self._startup_timeout_s:
-                        raise RuntimeError(f"verifier worker not ready after {self._startup_timeout_s}s")
+                        self._startup_failed(w, f"was not ready after {self._startup_timeout_s}s")
         return results
 
     def close(self) -> None:

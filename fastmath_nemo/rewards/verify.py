@@ -13,8 +13,11 @@ i.e. ``eval``. Inside workers math_verify's own ``signal.alarm`` timeouts
 (``parsing_timeout``/``timeout_seconds``, whole seconds) give a graceful first line of
 defence; the pool's SIGKILL is the hard bound, also for C-level loops signals can't stop.
 
-Workers: ``FASTMATH_VERIFY_WORKERS`` env or ``configure_verifier`` (default min(8, cpus);
-0 = in-process, bounded only by math_verify's alarms and only in the main thread).
+Workers: ``FASTMATH_VERIFY_WORKERS`` env or ``configure_verifier`` (default min(8, cpus)).
+math_verify never runs in the trainer's process: its alarms work only in the main thread, so
+there it could hang a step without bound. Dead workers are restarted (``_pool``); when they
+cannot be, the pool is started afresh once, and if that fails too, :class:`VerifierUnavailableError`
+stops the run with the reason.
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
 from math_verify import LatexExtractionConfig, parse, verify
 
-from fastmath_nemo.rewards._pool import TimeoutWorkerPool
+from fastmath_nemo.rewards._pool import PoolUnavailableError, TimeoutWorkerPool
 from fastmath_nemo.rewards.extract import last_boxed_answer
 
-__all__ = ["verify_answer", "verify_many", "configure_verifier", "shutdown_verifier"]
+__all__ = ["verify_answer", "verify_many", "configure_verifier", "shutdown_verifier", "VerifierUnavailableError"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ _LATEX_ONLY = (LatexExtractionConfig(boxed_match_priority=0),)
 _pool: TimeoutWorkerPool | None = None
 _pool_lock = threading.Lock()
 _num_workers: int = int(os.environ.get("FASTMATH_VERIFY_WORKERS", min(8, os.cpu_count() or 1)))
+
+
+class VerifierUnavailableError(RuntimeError):
+    """math_verify's worker processes cannot be (re)started, so answers cannot be verified."""
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -109,10 +117,10 @@ def _worker_init() -> None:
 
 # ---------------------------------------------------------------- pool management
 def configure_verifier(num_workers: int) -> None:
-    """Set the number of worker processes (0 = verify in-process); restarts the pool lazily."""
+    """Set the number of worker processes (>= 1); restarts the pool lazily."""
     global _num_workers
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1 (math_verify only runs in worker processes), got {num_workers}")
     shutdown_verifier()
     _num_workers = num_workers
 
@@ -129,31 +137,37 @@ def shutdown_verifier() -> None:
 atexit.register(shutdown_verifier)
 
 
-def _get_pool() -> TimeoutWorkerPool | None:
-    global _pool, _num_workers
+def _get_pool() -> TimeoutWorkerPool:
+    """The running pool, started on first use (PoolUnavailableError when it cannot start)."""
+    global _pool
     with _pool_lock:
         if _pool is not None and _pool.pid != os.getpid():
             _pool = None  # inherited through fork: those workers belong to the parent
-        if _pool is None and _num_workers > 0:
-            try:
-                _pool = TimeoutWorkerPool(_mv_match, _num_workers, _worker_init)
-            except OSError as e:  # e.g. process limit reached
-                logger.error("cannot start verifier workers (%s); verifying in-process", e)
-                _num_workers = 0
+        if _pool is None:
+            if _num_workers < 1:
+                raise ValueError(f"FASTMATH_VERIFY_WORKERS must be >= 1, got {_num_workers}")
+            _pool = TimeoutWorkerPool(_mv_match, _num_workers, _worker_init)
         return _pool
 
 
-def _run_in_process(jobs: list[tuple[str, str]], timeout_s: float) -> list[bool]:
-    # signal.alarm only works in the main thread; elsewhere this path is unbounded.
-    main = threading.current_thread() is threading.main_thread()
-    soft = _soft_timeout(timeout_s) if main else None
-    out = []
-    for p, g in jobs:
-        try:
-            out.append(_mv_match(p, g, soft))
-        except Exception:
-            out.append(False)
-    return out
+def _run_on_pool(jobs: list[tuple[str, str, int]], timeout_s: float) -> list[bool]:
+    """Verdicts from the worker pool; a pool that fails is started afresh once, then the
+    failure stops the run (never an unbounded in-process fallback)."""
+    try:
+        return _get_pool().run(jobs, timeout_s=timeout_s, default=False)
+    except PoolUnavailableError as e:
+        logger.error("math-verify workers failed (%s); starting a fresh pool", e)
+        shutdown_verifier()
+    try:
+        return _get_pool().run(jobs, timeout_s=timeout_s, default=False)
+    except PoolUnavailableError as e:
+        shutdown_verifier()
+        raise VerifierUnavailableError(
+            f"math-verify workers cannot be restarted ({e}; a fresh pool failed too). Stopping rather than "
+            f"verifying in the trainer's process, where a pathological answer could hang the run. Check the "
+            f"process limit (ulimit -u), free memory, and that `{sys.executable} -m fastmath_nemo.rewards._pool` "
+            f"starts here; FASTMATH_VERIFY_WORKERS sets the number of workers (now {_num_workers})"
+        ) from e
 
 
 # ---------------------------------------------------------------- public API
@@ -185,17 +199,8 @@ def verify_many(completions: list[str], golds: list[str], timeout_s: float = 2.0
         return results
 
     jobs = list(pending)
-    pool = _get_pool()
-    if pool is None:
-        verdicts = _run_in_process(jobs, timeout_s)
-    else:
-        soft = _soft_timeout(timeout_s)
-        try:
-            verdicts = pool.run([(p, g, soft) for p, g in jobs], timeout_s=timeout_s, default=False)
-        except RuntimeError as e:  # workers cannot start: degrade rather than crash training
-            logger.error("verifier pool failed (%s); verifying in-process", e)
-            configure_verifier(num_workers=0)
-            verdicts = _run_in_process(jobs, timeout_s)
+    soft = _soft_timeout(timeout_s)
+    verdicts = _run_on_pool([(p, g, soft) for p, g in jobs], timeout_s)
     for key, ok in zip(jobs, verdicts, strict=True):
         for i in pending[key]:
             results[i] = bool(ok)

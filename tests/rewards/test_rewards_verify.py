@@ -83,13 +83,47 @@ def test_never_evals_model_output(tmp_path):
     assert not marker.exists()
 
 
-def test_in_process_mode():
-    V.configure_verifier(0)
-    try:
-        assert verify_answer(r"\boxed{\frac{1}{2}}", "0.5")
-        assert not verify_answer(r"\boxed{\frac{1}{3}}", "0.5")
-    finally:
-        V.configure_verifier(2)
+def test_no_in_process_mode():
+    with pytest.raises(ValueError, match="worker processes"):
+        V.configure_verifier(0)
+
+
+@pytest.fixture
+def no_in_process_verification(monkeypatch):
+    """Fails the test if math_verify runs in this process (workers import their own copy)."""
+    monkeypatch.setattr(V, "parse", lambda *a, **k: pytest.fail("math_verify ran in the trainer's process"))
+    yield
+    V.shutdown_verifier()
+
+
+# Not plain numbers, so each one needs math_verify (the fast path would decide them in-process).
+_COMPS = [r"\boxed{\frac{2}{4}}", r"\boxed{\sqrt{8}}", r"\boxed{\frac{1}{3}}"]
+_GOLDS = ["0.5", r"2\sqrt{2}", "0.5"]
+
+
+def test_workers_killed_while_starting_are_restarted(no_in_process_verification):
+    V.shutdown_verifier()
+    pool = V._get_pool()
+    for w in pool._workers:  # still importing math_verify: dead before they are ready
+        w.proc.kill()
+    assert verify_many(_COMPS, _GOLDS) == [True, True, False]
+    assert V._get_pool() is pool and all(w.proc.poll() is None for w in pool._workers)
+
+
+def test_workers_that_cannot_restart_stop_the_run(no_in_process_verification, monkeypatch):
+    assert verify_many(_COMPS, _GOLDS) == [True, True, False]
+    from fastmath_nemo.rewards import _pool
+
+    def no_processes(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(_pool.subprocess, "Popen", no_processes)
+    for w in V._get_pool()._workers:
+        w.proc.kill()
+        w.proc.wait()
+    with pytest.raises(V.VerifierUnavailableError, match=r"cannot be restarted.*Resource temporarily unavailable"):
+        verify_many(_COMPS, _GOLDS)
+    assert V._pool is None  # the next call tries a fresh pool
 
 
 def test_works_off_the_main_thread():
