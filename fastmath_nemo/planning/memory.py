@@ -33,12 +33,13 @@ where ``p_f = p`` micro-batches are in flight on the first stage under 1F1B (1 w
 Per-document attention adds nothing quadratic; ``packed_attention=dense`` adds the
 ``[rows, 1, n, N]`` bool mask and one layer's fp32 score matrix ``(a / t) n N 4``.
 
-Logprobs: the final norm's output (the output layer's input, kept for its backward) and the
+Logprobs: the final norm's output (the output layer's input, kept for its backward), the
 logits of ``C`` tokens at a time over ``V_t / t`` entries, in the compute dtype plus two fp32
 buffers of the same shape (the temperature-scaled copy, the softmax kept for the backward,
-then the gradient)::
+then the gradient), and the output layer's fp32 weight gradient before it joins the gradient
+buffer::
 
-    logprob buffer = b n h / s + C (V_t / t) (b + 8),   C = min(logprob_chunk_tokens, n), or n when 0
+    logprob buffer = b n h / s + C (V_t / t) (b + 8) + 4 (V_t / t) h,   C = min(logprob_chunk_tokens, n), or n when 0
 
 Lower-order terms (softmax statistics, rotary tables, the ``[N]`` logprob vectors) are
 left out; a fixed framework overhead (CUDA context, NCCL and cuBLAS workspaces, allocator
@@ -218,13 +219,15 @@ def activation_bytes(
 
 
 def logprob_bytes(shape: ModelShape, layout: Layout, tokens: int, chunk_tokens: int, dtype_bytes: int) -> int:
-    """The output layer's input and its logits with their fp32 buffers for one micro-batch
-    (``chunk_tokens`` = 0: logits of all ``tokens / c`` positions at once)."""
+    """The output layer's input, its logits with their fp32 buffers and its fp32 weight
+    gradient for one micro-batch (``chunk_tokens`` = 0: logits of all ``tokens / c`` positions
+    at once)."""
     n = tokens // layout.cp
     seq_shard = layout.tp if layout.sequence_parallel else 1
     rows = n if chunk_tokens == 0 else min(chunk_tokens, n)
+    vocab_local = padded_vocab(shape.vocab, layout.tp) // layout.tp
     hidden = dtype_bytes * n * shape.hidden // seq_shard
-    return hidden + rows * (padded_vocab(shape.vocab, layout.tp) // layout.tp) * (dtype_bytes + 8)
+    return hidden + rows * vocab_local * (dtype_bytes + 8) + 4 * vocab_local * shape.hidden
 
 
 def vllm_kv_tokens(shape: ModelShape, budget_bytes: float, tp: int, dtype_bytes: int = 2) -> int:

@@ -95,10 +95,11 @@ def test_sft_activations_of_the_14b_model_at_24000_tokens() -> None:
 def test_chunked_logprob_buffer_against_full_logits() -> None:
     layout = m.Layout(world=8, tp=4, sequence_parallel=True)
     hidden = 2 * 24000 * 5120 // 4  # the output layer's input, sequence-sharded
+    grad = 4 * 38016 * 5120  # the output layer's fp32 weight gradient on this rank
     # 38016 vocabulary entries per TP rank; bf16 logits + two fp32 buffers = 10 bytes each
-    assert m.logprob_bytes(R1_14B, layout, 24000, 4096, 2) == hidden + 4096 * 38016 * 10 == 1_618_575_360
-    assert m.logprob_bytes(R1_14B, layout, 24000, 0, 2) == hidden + 24000 * 38016 * 10 == 9_185_280_000
-    assert m.logprob_bytes(R1_14B, layout, 1000, 4096, 2) == 2 * 1000 * 5120 // 4 + 1000 * 38016 * 10  # chunk > row
+    assert m.logprob_bytes(R1_14B, layout, 24000, 4096, 2) == hidden + 4096 * 38016 * 10 + grad == 2_397_143_040
+    assert m.logprob_bytes(R1_14B, layout, 24000, 0, 2) == hidden + 24000 * 38016 * 10 + grad == 9_963_847_680
+    assert m.logprob_bytes(R1_14B, layout, 1000, 4096, 2) == 2 * 1000 * 5120 // 4 + 1000 * 38016 * 10 + grad
 
 
 def test_vllm_kv_cache_tokens() -> None:
