@@ -281,7 +281,7 @@ def test_bad_vllm_settings_name_their_key(overrides, key, words):
 def test_vllm_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     message = _raises(["generation.backend=vllm", "grpo.prompts_per_step=16"])
-    assert "'generation.backend'" in message and "torchrun" in message
+    assert "'generation.backend'" in message and "torchrun" in message and "issue 10" in message
 
 
 def test_model_preset_choices_and_exclusivity():
