@@ -16,6 +16,7 @@ from fastmath_nemo.data.chat import ChatTemplateError  # noqa: E402
 from fastmath_nemo.data.loading import DataError  # noqa: E402
 from fastmath_nemo.pipeline import run_stage  # noqa: E402
 from fastmath_nemo.utils.distributed import destroy_distributed, setup_logging  # noqa: E402
+from fastmath_nemo.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, preemption_signals  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -39,11 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     setup_logging(cfg.run.log_level)
+    # SIGUSR1 / SIGTERM (Slurm's warning before a time limit or preemption) now mean: finish
+    # the step, save a checkpoint on every rank, exit with PREEMPTED_EXIT_CODE.
     try:
-        run_stage(cfg)
+        with preemption_signals():
+            run_stage(cfg)
     except (ConfigError, DataError, ChatTemplateError, FileNotFoundError) as err:  # bad input: say what and where
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"{stop} (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     finally:
         # Under torchrun: gloo's threads still running at interpreter exit abort the process
         # (exit code -6 after a finished run), so the process group goes first.

@@ -36,6 +36,7 @@ from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
 from fastmath_nemo.rewards.verify import verify_many
 from fastmath_nemo.utils.distributed import is_rank0, shard
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
+from fastmath_nemo.utils.preemption import preemption_requested, stop_for_preemption
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,12 @@ def run_grpo(
         progress.update(1)
         progress.set_postfix(reward=f"{step_metrics['reward/mean']:.3f}", acc=f"{step_metrics['accuracy']:.2f}",
                              len=f"{step_metrics['completion/mean_tokens']:.0f}")
-        if cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < cfg.steps:
+        saved = bool(cfg.save_every_steps) and (step + 1) % cfg.save_every_steps == 0 and step + 1 < cfg.steps
+        if saved:
             checkpoints.save(policy, step + 1, {})
+        # After the refit, so that a resumed run's sampler starts from the same weights.
+        if step + 1 < cfg.steps and preemption_requested():
+            stop_for_preemption(checkpoints, policy, "grpo", step + 1, {}, saved=saved)
     progress.close()
     checkpoints.save_final(policy, {"step": cfg.steps})
 

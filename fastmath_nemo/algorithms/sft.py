@@ -29,6 +29,7 @@ from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.utils.distributed import data_parallel_rank, data_parallel_size, is_rank0
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
+from fastmath_nemo.utils.preemption import preemption_requested, stop_for_preemption
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 25  # steps between console summaries (metrics.jsonl gets every step)
@@ -121,6 +122,7 @@ def run_sft(
 
     progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not is_rank0())
     step = start
+    saved = False  # whether this step's checkpoint was already written
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         batches = step_batches(data, cfg, seed, epoch)
         for batch in batches[step - epoch * steps_per_epoch :]:
@@ -134,9 +136,16 @@ def run_sft(
             progress.set_postfix(loss=f"{result['loss']:.4f}", epoch=epoch + 1)
             metrics.log("sft", step, {**result, "epoch": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch},
                         console=step % LOG_EVERY == 0)
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+            saved = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0 and step < total_steps
+            if saved:
                 checkpoints.save(policy, step, {"epoch": epoch})
+            # One collective check per step; an epoch's last step is checked after its evaluation,
+            # so a resumed run has every epoch's evaluation, as an uninterrupted one.
+            if step % steps_per_epoch and preemption_requested():
+                stop_for_preemption(checkpoints, policy, "sft", step, {"epoch": epoch}, saved=saved)
         if cfg.eval_every_epoch and on_epoch_end is not None:
             metrics.log("sft_eval", step, {"epoch": epoch + 1, **on_epoch_end(epoch + 1)})
+        if step < total_steps and preemption_requested():
+            stop_for_preemption(checkpoints, policy, "sft", step, {"epoch": epoch}, saved=saved)
     progress.close()
     checkpoints.save_final(policy, {"step": step})

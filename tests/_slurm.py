@@ -1,0 +1,66 @@
+"""Test helpers for the real one-node Slurm cluster of ``tests/slurm/cluster.sh``: start/stop
+it, submit ``launch/slurm/fastmath.sbatch``, read a job's state, wait for states."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
+SBATCH_SCRIPT = "launch/slurm/fastmath.sbatch"
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+
+
+def missing_binaries() -> list[str]:
+    """The Slurm and munge programs not on PATH (the tests skip when any is missing)."""
+    return [name for name in DAEMONS if shutil.which(name) is None]
+
+
+class Cluster:
+    """A running cluster whose state lives in ``dir``; ``env`` carries its ``SLURM_CONF``."""
+
+    def __init__(self, dir: Path) -> None:
+        self.dir = dir
+        done = subprocess.run([str(CLUSTER_SH), "start", str(dir)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"cluster.sh start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        self.conf = str(dir / "etc" / "slurm.conf")
+
+    def stop(self) -> None:
+        subprocess.run([str(CLUSTER_SH), "stop", str(self.dir)], check=True, timeout=120)
+
+    def run(self, *cmd: str, env: dict[str, str] | None = None, check: bool = True) -> str:
+        """A client command's stdout (``scontrol ...``, ``scancel ...``) against this cluster."""
+        full_env = {**(env or os.environ), "SLURM_CONF": self.conf}
+        done = subprocess.run(list(cmd), capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=60)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr}")
+        return done.stdout
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job -o`` as a dict (JobState, Restarts, ExitCode, Reason, ...)."""
+        line = self.run("scontrol", "show", "job", "-o", str(job_id)).strip()
+        return dict(field.split("=", 1) for field in line.split() if "=" in field)
+
+    def wait_job(self, job_id: int, done: Callable[[dict[str, str]], bool], timeout: float, what: str,
+                 log: Path | None = None) -> dict[str, str]:
+        """Poll the job until ``done(info)``; AssertionError naming ``what`` (with ``log``'s tail) on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if done(info):
+                return info
+            if time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+                raise AssertionError(f"job {job_id}: no {what} within {timeout} s; now {info.get('JobState')}"
+                                     f" (Restarts={info.get('Restarts')}):\n{tail}")
+            time.sleep(0.25)
+
+
+def finished(info: dict[str, str]) -> bool:
+    return info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")

@@ -1,0 +1,152 @@
+"""``launch/slurm/fastmath.sbatch`` on a real one-node Slurm cluster (``tests/slurm/cluster.sh``).
+
+- The reduced embedded recipe runs as one node x 2 torchrun workers (gloo) to completion, with
+  a log per job and per restart.
+- The same job, sent ``scancel --batch --signal=USR1`` (what ``--signal=B:USR1@N`` does before
+  a time limit) in the middle of GRPO, saves a checkpoint, requeues itself, resumes with
+  ``resume=true`` and ends with the uninterrupted run's weights (bit for bit) and metrics.
+
+Skipped when the Slurm / munge binaries are absent (``.ci/run`` installs them). Each job takes
+about a minute on two cores; the requeued one about two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from _slurm import SBATCH_SCRIPT, Cluster, finished, missing_binaries
+from safetensors.torch import load_file
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(missing_binaries()), reason=f"Slurm not installed (missing {missing_binaries()})"),
+]
+
+GRPO_STEPS = 20
+# The embedded recipe, reduced: 64 problems, 1 SFT epoch of 8 steps, GRPO_STEPS GRPO steps of
+# 2 prompts x 2 samples (~0.4 s each: long enough to be signalled in the middle), evaluation
+# of 8 problems x 2 samples, a 2-layer 64-wide model. README's "On a Slurm cluster" shows it.
+RECIPE = [
+    "data.synthetic.n_train=64", "data.synthetic.n_eval=8", "sft.epochs=1", "sft.rows_per_step=8",
+    "policy.micro_batch_rows=2", f"grpo.steps={GRPO_STEPS}", "grpo.prompts_per_step=2", "grpo.num_generations=2",
+    "generation.max_tokens=24", "eval.token_budgets=[24]", "eval.n_samples=2", "eval.k_values=[2]",
+    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_attention_heads=2",
+    "model.tiny.num_key_value_heads=2", "model.tiny.intermediate_size=128", "policy.device=cpu",
+]
+SBATCH_OPTIONS = ["--cpus-per-task=2"]
+# Wall-clock measurements, not results: they differ between any two runs.
+TIMING_KEYS = ("time", "generation_s", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Not under pytest's tmp_path: its parent is private to root, and munged runs as user munge.
+    state = Path(tempfile.mkdtemp(prefix="fastmath-slurm-"))
+    cluster = Cluster(state)
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def job_env(cluster: Cluster, log_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(
+        SLURM_CONF=cluster.conf, FASTMATH_PYTHON=sys.executable, FASTMATH_NPROC_PER_NODE="2",
+        FASTMATH_LOG_DIR=str(log_dir), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def submit(cluster: Cluster, tmp: Path, run_dir: Path) -> tuple[int, Path]:
+    """sbatch the script with the reduced recipe from the repository root; (job id, its batch log)."""
+    log_dir = tmp / "logs"
+    out = cluster.run("sbatch", "--parsable", *SBATCH_OPTIONS, f"--output={tmp}/%x-%j.out", SBATCH_SCRIPT,
+                      f"run.dir={run_dir}", *RECIPE, env=job_env(cluster, log_dir))
+    job_id = int(out.strip().split(";")[0])
+    return job_id, tmp / f"fastmath-{job_id}.out"
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("timing/")} for r in records]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, Path]:
+    """One job of the reduced recipe, run to the end: (job id, run dir, batch log)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    job_id, log = submit(cluster, tmp, tmp / "run")
+    cluster.wait_job(job_id, finished, 300, "end", log)
+    return job_id, tmp / "run", log
+
+
+def test_sbatch_runs_the_recipe_on_two_torchrun_workers(cluster: Cluster, uninterrupted) -> None:
+    job_id, run_dir, log = uninterrupted
+    info = cluster.job(job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log.read_text()
+    records = read_records(run_dir)
+    assert [r["step"] for r in records if r["stage"] == "sft"] == list(range(1, 9))  # logged once (rank 0)
+    assert [r["step"] for r in records if r["stage"] == "grpo"] == list(range(1, GRPO_STEPS + 1))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [row["model"] for row in report["evaluations"]] == ["base", "sft", "grpo"]
+    # The batch log names the nodes, workers and command; the restart's node log holds both ranks.
+    text = log.read_text()
+    assert "nodes " in text and "2 workers per node" in text and "the run exited with code 0" in text
+    node_logs = list((log.parent / "logs" / f"fastmath-{job_id}" / "restart_0").glob("*.log"))
+    assert len(node_logs) == 1 and "[rank0]" in node_logs[0].read_text(errors="replace")
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_result(
+    cluster: Cluster, uninterrupted, tmp_path: Path
+) -> None:
+    _, ref_dir, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    job_id, log = submit(cluster, tmp_path, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    cluster.wait_job(job_id, lambda info: finished(info) or (metrics.exists() and '"grpo"' in metrics.read_text()),
+                     240, "first GRPO step", log)
+    # As --signal=B:USR1@N does before the time limit: only the batch shell gets it.
+    cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
+
+    # It saves, requeues itself and waits out Slurm's BeginTime hold, which we skip.
+    cluster.wait_job(job_id, lambda i: finished(i) or (i["Restarts"] == "1" and i["JobState"] == "PENDING"),
+                     120, "requeue", log)
+    stopped = json.loads((tmp_path / "logs" / f"fastmath-{job_id}" / "restart_0" / "preempted.json").read_text())
+    assert stopped["stage"] == "grpo" and 1 <= stopped["step"] < GRPO_STEPS, stopped
+    assert Path(stopped["checkpoint"]).name == f"step_{stopped['step']}"
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    info = cluster.wait_job(job_id, finished, 300, "end after the requeue", log)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log.read_text()
+
+    text = log.read_text()
+    assert "got SIGUSR1" in text and "requeueing" in text
+    assert re.search(r"restart 1\] command: .* resume=true", text)
+    node_log = "".join(p.read_text(errors="replace")
+                       for p in (tmp_path / "logs" / f"fastmath-{job_id}" / "restart_1").glob("*.log"))
+    assert f"resuming GRPO from {stopped['checkpoint']} (step {stopped['step']} of {GRPO_STEPS})" in node_log
+    assert "SFT already finished" in node_log
+
+    # Every step once (none lost or repeated by the stop), and the uninterrupted run's numbers.
+    records, reference = read_records(run_dir), read_records(ref_dir)
+    assert [(r["stage"], r["step"]) for r in records] == [(r["stage"], r["step"]) for r in reference]
+    assert without_timing(records) == without_timing(reference)
+    report, ref_report = (json.loads((d / "report.json").read_text()) for d in (run_dir, ref_dir))
+    assert without_timing(report["evaluations"]) == without_timing(ref_report["evaluations"])
+    weights = load_file(str(run_dir / "grpo" / "final" / "model.safetensors"))
+    ref_weights = load_file(str(ref_dir / "grpo" / "final" / "model.safetensors"))
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
