@@ -40,7 +40,7 @@ VLLM_MULTI_RANK = ("vllm under torchrun (WORLD_SIZE={world}) is not supported ye
 
 
 def validate(cfg: s.Config) -> None:
-    from fastmath_nemo.rewards.functions import REWARD_FUNCTIONS
+    from fastmath_nemo.rewards.functions import REWARD_FUNCTIONS, RewardSettingsError, check_reward_kwargs
 
     _choice("stage", cfg.stage, s.STAGES)
     _choice("policy.backend", cfg.policy.backend, s.POLICY_BACKENDS)
@@ -60,6 +60,10 @@ def validate(cfg: s.Config) -> None:
         _choice(f"eval.models[{i}]", model, s.EVAL_MODELS)
     for i, spec in enumerate(cfg.grpo.rewards):
         _choice(f"grpo.rewards[{i}].name", spec.name, tuple(REWARD_FUNCTIONS))
+        try:  # a misspelt setting would otherwise be ignored and its default used all run
+            check_reward_kwargs(spec.name, dict(spec.kwargs))
+        except RewardSettingsError as e:
+            _error(f"grpo.rewards[{i}].kwargs" + (f".{e.key}" if e.key else ""), str(e))
     if not cfg.grpo.rewards:
         _error("grpo.rewards", "needs at least one reward (without one every advantage is 0)")
     if not cfg.eval.models:

@@ -3,20 +3,26 @@ r"""Group-aware reward functions for GRPO.
 Every reward has the signature::
 
     fn(completions: list[str], golds: list[str], lengths: list[int], group_ids: list[int],
-       *, correct: list[bool] | None = None, **kwargs) -> list[float]      # all lists [N]
+       *, correct: list[bool] | None = None, finish_reasons: list[str] | None = None,
+       timeout_s: float = 2.0, <its settings>, **_) -> list[float]      # all lists [N]
 
 ``lengths`` are in the caller's unit (see ``completion_lengths``); ``group_ids[i]`` is the
 prompt of completion i. ``correct`` lets the caller verify once per step and share it;
-when None, functions that need it call ``verify_many``. Unknown kwargs are ignored so one
-kwargs dict can be passed to every reward.
+when None, functions that need it call ``verify_many``. ``finish_reasons[i]`` is "stop" or
+"length" (hit the token limit). ``**_`` takes the shared arguments a reward does not use;
+its settings (a config's ``kwargs``) are checked by name and type by ``check_reward_kwargs``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import types
+import typing
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Literal
+from functools import lru_cache
+from typing import Any, Literal
 
 import torch
 
@@ -33,6 +39,9 @@ __all__ = [
     "repetition_penalty_reward",
     "REWARD_FUNCTIONS",
     "get_reward_fn",
+    "reward_settings",
+    "check_reward_kwargs",
+    "RewardSettingsError",
     "compute_rewards",
 ]
 
@@ -101,6 +110,8 @@ def cosine_reward(
     min_value_correct: float = 0.1,
     max_value_correct: float = 1.0,
     max_len: int = 30000,
+    exceed_length_penalty: float | None = None,
+    finish_reasons: Sequence[str] | None = None,
     timeout_s: float = 2.0,
     **_,
 ) -> list[float]:
@@ -111,12 +122,26 @@ def cosine_reward(
     wrong:   lo, hi = max_value_wrong,   min_value_wrong     (-1.0 at L=0 -> -0.1 at L>=max_len;
              swapped so short wrong answers are punished most)
     r = lo + 0.5 * (hi - lo) * (1 + c)
+
+    ``exceed_length_penalty`` (Yeo et al. 2025, r_exceed; -10 in their runs; off by default):
+    a completion cut by the token limit (``finish_reasons[i] == "length"``) gets this reward
+    instead, correct or not, so truncation is never a cheaper outcome than a wrong answer.
     """
     _check(completions, golds, lengths, group_ids)
     if max_len <= 0:
         raise ValueError(f"max_len must be > 0, got {max_len}")
+    truncated = [False] * len(completions)
+    if exceed_length_penalty is not None:
+        if finish_reasons is None:
+            raise ValueError("exceed_length_penalty needs finish_reasons (which completions hit the token limit)")
+        if len(finish_reasons) != len(completions):
+            raise ValueError(f"finish_reasons has {len(finish_reasons)} entries for {len(completions)} completions")
+        truncated = [reason == "length" for reason in finish_reasons]
     out = []
-    for ok, length in zip(_correct(completions, golds, correct, timeout_s), lengths, strict=True):
+    for ok, length, cut in zip(_correct(completions, golds, correct, timeout_s), lengths, truncated, strict=True):
+        if cut:
+            out.append(float(exceed_length_penalty))  # type: ignore[arg-type]  # not None when cut
+            continue
         lo, hi = (min_value_correct, max_value_correct) if ok else (max_value_wrong, min_value_wrong)
         cosine = math.cos(math.pi * min(max(length, 0) / max_len, 1.0))
         out.append(lo + 0.5 * (hi - lo) * (1.0 + cosine))
@@ -189,6 +214,69 @@ def get_reward_fn(name: str) -> RewardFn:
         raise ValueError(f"unknown reward {name!r}; valid: {sorted(REWARD_FUNCTIONS)}") from None
 
 
+# Keyword arguments every reward receives from the caller; not settings of a config's kwargs.
+_SHARED_ARGUMENTS = frozenset({"correct", "finish_reasons", "timeout_s"})
+
+
+class RewardSettingsError(ValueError):
+    """A reward's ``kwargs`` that its function cannot take; ``key`` names the kwarg when one is to blame."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@lru_cache(maxsize=None)
+def reward_settings(name: str) -> dict[str, tuple[Any, Any]]:
+    """The settings a reward takes in ``kwargs``: ``{parameter: (type hint, default)}``."""
+    fn = get_reward_fn(name)
+    hints = typing.get_type_hints(fn)
+    return {
+        p.name: (hints.get(p.name, Any), p.default)
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _SHARED_ARGUMENTS
+    }
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """``value`` fits ``hint`` (int, float, str, X | None): YAML gives no other setting types.
+    An int is a float here (``max_value_wrong: -1``); a bool is never a number."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    for option in options:
+        if option is Any or (option is type(None) and value is None):
+            return True
+        if option in (int, float) and isinstance(value, bool):
+            continue
+        if option is float and isinstance(value, (int, float)):
+            return True
+        if isinstance(option, type) and isinstance(value, option):
+            return True
+    return False
+
+
+def check_reward_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """RewardSettingsError for a kwarg the reward does not take (a typo such as ``max_length``
+    for ``max_len``), a value of the wrong type, or one the reward rejects (checked by calling
+    it on zero completions)."""
+    settings = reward_settings(name)
+    valid = ", ".join(f"{k} (default {default!r})" for k, (_hint, default) in sorted(settings.items())) or "none"
+    for key, value in kwargs.items():
+        if key not in settings:
+            raise RewardSettingsError(f"reward {name!r} takes no setting {key!r}; valid: {valid}", key)
+        hint, _default = settings[key]
+        if not _type_ok(value, hint):
+            raise RewardSettingsError(f"reward {name!r}: {key} must be {_hint_name(hint)}, got {value!r}", key)
+    try:
+        get_reward_fn(name)([], [], [], [], correct=[], finish_reasons=[], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise RewardSettingsError(f"reward {name!r}: {e}", next((k for k in kwargs if k in str(e)), None)) from None
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("NoneType", "None")
+
+
 def compute_rewards(
     specs: Sequence[tuple[str, float, dict]],
     completions: list[str],
@@ -197,24 +285,27 @@ def compute_rewards(
     group_ids: list[int],
     *,
     correct: Sequence[bool] | None = None,
+    finish_reasons: Sequence[str] | None = None,
     timeout_s: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of rewards; verification runs at most once and is shared.
 
-    specs: ``(name, weight, kwargs)`` triples. Returns ``total`` float32 [N] = sum_k w_k * r_k
-    and ``{name: r_k}`` raw float32 [N] tensors (a repeated name gets a ``#j`` suffix).
+    specs: ``(name, weight, kwargs)`` triples, kwargs checked by ``check_reward_kwargs``.
+    finish_reasons: [N] "stop" / "length", for rewards that treat truncation apart (cosine's
+    ``exceed_length_penalty``). Returns ``total`` float32 [N] = sum_k w_k * r_k and
+    ``{name: r_k}`` raw float32 [N] tensors (a repeated name gets a ``#j`` suffix).
     """
     _check(completions, golds, lengths, group_ids)
     fns = [(name, weight, kwargs, get_reward_fn(name)) for name, weight, kwargs in specs]
+    for name, _weight, kwargs, _fn in fns:
+        check_reward_kwargs(name, kwargs)
     if correct is None and any(name in _NEEDS_CORRECT for name, *_ in fns):
         correct = verify_many(completions, golds, timeout_s)
+    shared = {"correct": correct, "finish_reasons": finish_reasons, "timeout_s": timeout_s}
     total = torch.zeros(len(completions), dtype=torch.float32)
     per_reward: dict[str, torch.Tensor] = {}
     for j, (name, weight, kwargs, fn) in enumerate(fns):
-        values = torch.tensor(
-            fn(completions, golds, lengths, group_ids, **{"timeout_s": timeout_s, **kwargs, "correct": correct}),
-            dtype=torch.float32,
-        )
+        values = torch.tensor(fn(completions, golds, lengths, group_ids, **kwargs, **shared), dtype=torch.float32)
         per_reward[name if name not in per_reward else f"{name}#{j}"] = values
         total += weight * values
     return total, per_reward

@@ -4,6 +4,7 @@ command line's handling of a bad configuration."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,23 @@ def test_run_directory_config_yaml_holds_no_secret(tmp_path, monkeypatch):
     run.metrics.close()
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert FAKE_SECRET not in text and "${oc.env:FASTMATH_TEST_SECRET}" in text
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("grpo.rewards[1].kwargs={max_length: 400}", "grpo.rewards[1].kwargs.max_length",
+         "takes no setting 'max_length'; valid: exceed_length_penalty (default None), max_len (default 30000)"),
+        ("grpo.rewards[1].kwargs.max_len=abc", "grpo.rewards[1].kwargs.max_len", "must be int"),
+        ("grpo.rewards[1].kwargs.max_len=0", "grpo.rewards[1].kwargs.max_len", "must be > 0"),
+    ],
+)
+def test_reward_settings_are_checked_at_start_up(override, key, words):
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}'") as err:
+        load_config("recipe", [override])
+    assert words in str(err.value)
+
+
+def test_cosine_exceed_length_penalty_is_a_setting():
+    cfg = load_config("recipe", ["grpo.rewards[1].kwargs.exceed_length_penalty=-10"])
+    assert cfg.grpo.rewards[1].kwargs == {"max_len": 400, "exceed_length_penalty": -10}

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -143,3 +144,48 @@ def test_compute_rewards_skips_verification_when_unneeded(monkeypatch):
 def test_length_mismatch_raises():
     with pytest.raises(ValueError):
         format_reward(["a", "b"], ["0"], [1, 2], [0, 0])
+
+
+# -- exceed-length penalty (Yeo et al. 2025) and checked settings ----------------------------
+def test_cosine_exceed_length_penalty_replaces_truncated_rewards():
+    texts, lengths = ["a", "b", "c"], [100, 400, 400]
+    reasons = ["stop", "length", "length"]
+    off = _call(cosine_reward, texts, lengths, correct=[True, True, False], max_len=400, finish_reasons=reasons)
+    assert off == pytest.approx([0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.1, -0.1])  # off by default
+    on = _call(cosine_reward, texts, lengths, correct=[True, True, False], max_len=400, finish_reasons=reasons,
+               exceed_length_penalty=-10.0)
+    assert on == pytest.approx([off[0], -10.0, -10.0])  # correct or not, a truncated completion gets r_exceed
+    with pytest.raises(ValueError, match="needs finish_reasons"):
+        _call(cosine_reward, texts, lengths, correct=[True] * 3, exceed_length_penalty=-10.0)
+
+
+def test_compute_rewards_passes_finish_reasons():
+    specs = [("cosine", 1.0, {"max_len": 100, "exceed_length_penalty": -5.0})]
+    total, _ = compute_rewards(specs, ["a", "b"], ["1", "1"], [50, 100], [0, 0], correct=[True, False],
+                               finish_reasons=["stop", "length"])
+    assert total.tolist() == pytest.approx([0.55, -5.0])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, key, words",
+    [
+        ("cosine", {"max_length": 400}, "max_length", "valid: exceed_length_penalty (default None), max_len"),
+        ("cosine", {"max_len": "400"}, "max_len", "must be int, got '400'"),
+        ("cosine", {"max_len": 0}, "max_len", "must be > 0"),
+        ("cosine", {"min_value_wrong": True}, "min_value_wrong", "must be float"),
+        ("repetition_penalty", {"max_penalty": 1.0}, "max_penalty", "must be <= 0"),
+        ("accuracy", {"timeout_s": 5}, "timeout_s", "valid: none"),
+    ],
+)
+def test_bad_reward_settings_name_the_setting(name, kwargs, key, words):
+    with pytest.raises(F.RewardSettingsError, match=re.escape(words)) as err:
+        F.check_reward_kwargs(name, kwargs)
+    assert err.value.key == key
+    with pytest.raises(F.RewardSettingsError):  # also when called directly, not only at start-up
+        compute_rewards([(name, 1.0, kwargs)], ["a"], ["1"], [1], [0], correct=[True])
+
+
+def test_good_reward_settings_pass():
+    F.check_reward_kwargs("cosine", {"max_len": 400, "min_value_wrong": -1, "exceed_length_penalty": -10})
+    F.check_reward_kwargs("cosine", {"exceed_length_penalty": None})
+    F.check_reward_kwargs("repetition_penalty", {"ngram_size": 4, "max_penalty": -0.5})
