@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _slurm import SBATCH_SCRIPT, Cluster, finished, missing_binaries
+from _slurm import ROOT, SBATCH_SCRIPT, Cluster, finished, missing_binaries
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -31,18 +32,27 @@ pytestmark = [
     pytest.mark.skipif(bool(missing_binaries()), reason=f"Slurm not installed (missing {missing_binaries()})"),
 ]
 
-GRPO_STEPS = 20
-# The embedded recipe, reduced: 64 problems, 1 SFT epoch of 8 steps, GRPO_STEPS GRPO steps of
-# 2 prompts x 2 samples (~0.4 s each: long enough to be signalled in the middle), evaluation
-# of 8 problems x 2 samples, a 2-layer 64-wide model. README's "On a Slurm cluster" shows it.
-RECIPE = [
-    "data.synthetic.n_train=64", "data.synthetic.n_eval=8", "sft.epochs=1", "sft.rows_per_step=8",
-    "policy.micro_batch_rows=2", f"grpo.steps={GRPO_STEPS}", "grpo.prompts_per_step=2", "grpo.num_generations=2",
-    "generation.max_tokens=24", "eval.token_budgets=[24]", "eval.n_samples=2", "eval.k_values=[2]",
-    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_attention_heads=2",
-    "model.tiny.num_key_value_heads=2", "model.tiny.intermediate_size=128", "policy.device=cpu",
-]
-SBATCH_OPTIONS = ["--cpus-per-task=2"]
+README = ROOT / "README.md"
+
+
+def readme_line(prefix: str) -> str:
+    """The README's line that starts with ``prefix`` (its "On a Slurm cluster" examples are what
+    these tests run, so the two cannot drift apart)."""
+    lines = [line.strip() for line in README.read_text().splitlines() if line.strip().startswith(prefix)]
+    assert len(lines) == 1, f"README.md: expected one line starting with {prefix!r}, found {len(lines)}"
+    return lines[0]
+
+
+# "FASTMATH_NPROC_PER_NODE=2 sbatch --cpus-per-task=2 launch/slurm/fastmath.sbatch run.dir=... <recipe>": the
+# embedded recipe reduced to 64 problems, 1 SFT epoch of 8 steps and GRPO steps of ~0.4 s each (enough
+# of them to be signalled in the middle); the tests put run.dir in a temporary folder.
+_words = shlex.split(readme_line("FASTMATH_NPROC_PER_NODE=2 sbatch "))
+SUBMIT_ENV = dict(w.split("=", 1) for w in _words[: _words.index("sbatch")])
+SBATCH_OPTIONS = _words[_words.index("sbatch") + 1 : _words.index(SBATCH_SCRIPT)]
+RECIPE = [w for w in _words[_words.index(SBATCH_SCRIPT) + 1 :] if not w.startswith("run.dir=")]
+GRPO_STEPS = int(next(w for w in RECIPE if w.startswith("grpo.steps=")).split("=")[1])
+SIGNAL_CMD = shlex.split(readme_line("scancel --batch --signal=USR1 <job>"))
+RELEASE_CMD = shlex.split(readme_line("scontrol update JobId=<job> StartTime=now"))
 # Wall-clock measurements, not results: they differ between any two runs.
 TIMING_KEYS = ("time", "generation_s", "tokens_per_s")
 
@@ -61,9 +71,9 @@ def job_env(cluster: Cluster, log_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
     env.update(
-        SLURM_CONF=cluster.conf, FASTMATH_PYTHON=sys.executable, FASTMATH_NPROC_PER_NODE="2",
-        FASTMATH_LOG_DIR=str(log_dir), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+        **SUBMIT_ENV, SLURM_CONF=cluster.conf, FASTMATH_PYTHON=sys.executable, FASTMATH_LOG_DIR=str(log_dir),
+        OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
     )
     return env
 
@@ -120,7 +130,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_result(
     cluster.wait_job(job_id, lambda info: finished(info) or (metrics.exists() and '"grpo"' in metrics.read_text()),
                      240, "first GRPO step", log)
     # As --signal=B:USR1@N does before the time limit: only the batch shell gets it.
-    cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
+    cluster.run(*[str(job_id) if w == "<job>" else w for w in SIGNAL_CMD])
 
     # It saves, requeues itself and waits out Slurm's BeginTime hold, which we skip.
     cluster.wait_job(job_id, lambda i: finished(i) or (i["Restarts"] == "1" and i["JobState"] == "PENDING"),
@@ -128,7 +138,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_result(
     stopped = json.loads((tmp_path / "logs" / f"fastmath-{job_id}" / "restart_0" / "preempted.json").read_text())
     assert stopped["stage"] == "grpo" and 1 <= stopped["step"] < GRPO_STEPS, stopped
     assert Path(stopped["checkpoint"]).name == f"step_{stopped['step']}"
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    cluster.run(*[w.replace("<job>", str(job_id)) for w in RELEASE_CMD])
     info = cluster.wait_job(job_id, finished, 300, "end after the requeue", log)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log.read_text()
 
