@@ -43,6 +43,7 @@ from fastmath_nemo.policy.presets import preset_model_dir
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
+from fastmath_nemo.utils.preemption import preemption_requested, raise_preempted
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,10 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
                     rows.append(EvalRow.from_dict(saved["row"]))
                     continue
                 logger.info("eval settings changed since %s was written: evaluating again", cached)
+            # Between evaluations (all ranks agree on which are cached): a stop here loses
+            # nothing, since resume=true reuses every evaluation written so far.
+            if preemption_requested():
+                raise_preempted("eval", len(rows), cached.parent)
             if generator is None:
                 generator = make_generator(run, model_dir, tokenizer)
             logger.info("evaluating %s at a %d-token budget on %d problems x %d samples",

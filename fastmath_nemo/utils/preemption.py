@@ -116,7 +116,13 @@ def stop_for_preemption(checkpoints: CheckpointManager, policy: Any, stage: str,
     """Save step ``step`` with loop ``state`` (unless the loop just ``saved`` it), record the
     stop in ``$FASTMATH_PREEMPTED_FILE`` (rank 0) and raise :class:`Preempted` on every rank."""
     path = checkpoints.root / f"step_{step}" if saved else checkpoints.save(policy, step, state)
+    raise_preempted(stage, step, path)
+
+
+def raise_preempted(stage: str, step: int, saved: Path) -> NoReturn:
+    """Record in ``$FASTMATH_PREEMPTED_FILE`` (rank 0) that ``stage`` stopped with its work up to
+    ``step`` kept in ``saved``, and raise :class:`Preempted`."""
     record = os.environ.get(PREEMPTED_FILE_ENV)
     if record and is_rank0():
-        atomic_write_json(Path(record), {"stage": stage, "step": step, "checkpoint": str(path)})
-    raise Preempted(stage, step, path)
+        atomic_write_json(Path(record), {"stage": stage, "step": step, "checkpoint": str(saved)})
+    raise Preempted(stage, step, saved)

@@ -119,3 +119,38 @@ def test_preempted_sft_saves_that_step_and_resumes_exactly(tmp_path: Path, tiny_
     weights = load_file(str(stage / "final" / "model.safetensors"))
     reference = load_file(str(tmp_path / "reference" / "final" / "model.safetensors"))
     assert all(torch.equal(weights[n], reference[n]) for n in reference)
+
+
+# -- the CLI: exit code, record, resume ------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_stops_with_exit_code_75_between_evaluations_and_resumes(tmp_path: Path, tiny_task) -> None:
+    """``conf=eval`` with the stop file present: ``launch/run.py`` exits 75 before the first
+    evaluation, recording it; ``resume=true`` without the file evaluates and reports."""
+    import subprocess
+    import sys
+
+    from _cli import TINY_RECIPE
+
+    root = Path(__file__).resolve().parents[2]
+    model_dir = tmp_path / "model"  # the task's tokenizer (with its chat template) and tiny model
+    tiny_task.tokenizer.save_pretrained(str(model_dir))
+    tiny_task.model.save_pretrained(str(model_dir), safe_serialization=True)
+    stop, record, run_dir = tmp_path / "stop_requested", tmp_path / "preempted.json", tmp_path / "run"
+    stop.touch()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           preemption.STOP_FILE_ENV: str(stop), preemption.PREEMPTED_FILE_ENV: str(record)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, str(root / "launch" / "run.py"), "conf=eval", f"eval.checkpoint={model_dir}", f"run.dir={run_dir}",
+           *TINY_RECIPE]
+
+    first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == preemption.PREEMPTED_EXIT_CODE, first.stderr[-3000:]
+    assert "preempted: eval" in first.stderr
+    assert json.loads(record.read_text()) == {"stage": "eval", "step": 0, "checkpoint": str(run_dir / "eval")}
+    assert not (run_dir / "report.json").exists()
+
+    stop.unlink()
+    second = subprocess.run([*cmd, "resume=true"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [row["model"] for row in json.loads((run_dir / "report.json").read_text())["evaluations"]] == ["model"]
