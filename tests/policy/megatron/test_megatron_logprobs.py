@@ -87,3 +87,34 @@ def test_policy_chunked_logprobs_and_gradients_equal_whole_rows(tmp_path, model_
     assert max(float((chunked_grads[k] - whole_grads[k]).abs().max()) for k in whole_grads) <= TOL
     output = "embedding.word_embeddings.weight" if model_type == "qwen3" else "output_layer.weight"
     assert float(whole_grads[output].abs().max()) > 1e-3
+
+
+def test_a_step_holds_no_tensor_larger_than_a_weight(tmp_path) -> None:
+    """The forward and backward of one packed row (1,024 tokens, 8 documents, V = 4,096):
+    with 32-token chunks and per-document attention no op creates a tensor larger than the
+    output weight [V, H] (its gradient is one); the baseline (whole-row logits, dense mask)
+    creates [T, V] logits."""
+    from fastmath_nemo.batch import Batch
+    from fastmath_nemo.policy.megatron.policy import MegatronPolicy
+    from tests.policy._largest_tensor import LargestTensor
+
+    vocab, width, docs = 4096, 1024, 8
+    tiny_hf_model("qwen2", vocab_size=vocab, max_position_embeddings=width).save_pretrained(str(tmp_path))
+    document_ids = torch.arange(1, docs + 1).repeat_interleave(width // docs)[None]
+    row = Batch(input_ids=torch.randint(1, vocab, (1, width), generator=torch.Generator().manual_seed(0)),
+                position_ids=torch.arange(width // docs).repeat(docs)[None], document_ids=document_ids,
+                loss_mask=torch.ones(1, width))
+
+    def largest(chunk: int, attention: str) -> int:
+        policy = MegatronPolicy(tmp_path, MegatronConfig(attention_backend="sdpa"), logprob_chunk_tokens=chunk,
+                                packed_attention=attention)
+        policy.ddp.train()
+        policy.ddp.zero_grad_buffer()  # outside: it zeroes the whole flat gradient buffer
+        thd = policy._uses_thd([row])
+        with LargestTensor() as seen:
+            logprobs = policy._batch_logprobs(policy._forward(policy.ddp, row, thd), row, thd)
+            (logprobs * row.loss_mask).sum().backward()
+        return seen.numel
+
+    assert largest(32, "per_document") <= vocab * 64
+    assert largest(0, "dense") >= width * vocab
