@@ -8,6 +8,8 @@ Run directory layout (``run.dir``, default ``runs/<run.name>``)::
     sft/checkpoints/step_N, sft/final      (Hugging Face folders)
     grpo/checkpoints/step_N, grpo/final
     eval/<model>@<budget>.json, report.json, report.md
+    eval/<model>@<budget>.samples.jsonl    every graded completion (sft-epoch<E>@<budget> for
+                                           evaluations during SFT)
 """
 
 from __future__ import annotations
@@ -184,8 +186,10 @@ def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
         if not generators:
             generators.append(make_generator(run, init_dir, tokenizer, policy))
         generators[0].update_weights(policy.export_weights())
-        summary = evaluate(generators[0], tokenizer, data.eval, cfg.eval, cfg.generation, cfg.eval.token_budgets[0],
-                           cfg.data.system_prompt, cfg.grpo.verify_timeout_s)
+        budget = cfg.eval.token_budgets[0]
+        summary = evaluate(generators[0], tokenizer, data.eval, cfg.eval, cfg.generation, budget,
+                           cfg.data.system_prompt, cfg.grpo.verify_timeout_s, label=f"sft-epoch{epoch}@{budget}",
+                           samples_path=run.dir / "eval" / f"sft-epoch{epoch}@{budget}.samples.jsonl")
         return {"pass@1": summary["pass@1"], "mean_output_tokens": summary["mean_output_tokens"]}
 
     run_sft(policy, sft_data, cfg.sft, checkpoints, run.metrics, seed=cfg.run.seed,
@@ -240,7 +244,8 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
             logger.info("evaluating %s at a %d-token budget on %d problems x %d samples",
                         name, budget, len(data.eval), cfg.eval.n_samples)
             summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, budget,
-                               cfg.data.system_prompt, cfg.grpo.verify_timeout_s)
+                               cfg.data.system_prompt, cfg.grpo.verify_timeout_s, label=f"{name}@{budget}",
+                               samples_path=run.dir / "eval" / f"{name}@{budget}.samples.jsonl")
             row = EvalRow(name, budget, summary)
             numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
             run.metrics.log(f"eval/{name}@{budget}", 0, numbers)

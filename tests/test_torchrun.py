@@ -30,6 +30,10 @@ def test_two_ranks_train_and_log_once(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     # Evaluation shards problems over the ranks and gathers every sample back.
     assert all(row["n_problems"] == 8 and row["n_samples"] == 2 for row in report["evaluations"])
+    for row in report["evaluations"]:  # rank 0 writes both ranks' samples, and only once
+        path = tmp_path / "eval" / f"{row['model']}@{row['token_budget']}.samples.jsonl"
+        samples = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(s["problem_id"], s["sample"]) for s in samples] == [(p, j) for p in range(8) for j in range(2)]
     weights = load_file(str(tmp_path / "sft" / "final" / "model.safetensors"))
     base = load_file(str(tmp_path / "base" / "model.safetensors"))
     assert any((weights[k] - base[k]).abs().max() > 0 for k in base)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -13,11 +14,12 @@ from fastmath_nemo.algorithms.grpo import sampling_params
 from fastmath_nemo.config.schema import EvalConfig, GenerationConfig
 from fastmath_nemo.data.chat import prompt_ids
 from fastmath_nemo.data.records import MathRecord
-from fastmath_nemo.evaluation.metrics import SampleResult, summarize
+from fastmath_nemo.evaluation.metrics import summarize
+from fastmath_nemo.evaluation.samples import EvalSample, write_samples
 from fastmath_nemo.generation.base import Generator
 from fastmath_nemo.rewards.extract import last_boxed_answer
 from fastmath_nemo.rewards.verify import verify_many
-from fastmath_nemo.utils.distributed import all_gather_objects, shard
+from fastmath_nemo.utils.distributed import all_gather_objects, is_rank0, shard
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +33,37 @@ def evaluate(
     token_budget: int,
     system_prompt: str | None,
     verify_timeout_s: float = 2.0,
+    *,
+    label: str = "eval",
+    samples_path: Path | None = None,
 ) -> dict[str, Any]:
     """Summary metrics (pass@1, maj@k, mean output tokens, truncated share) at one budget.
-    Under torchrun each rank generates for its share of the problems; samples are gathered."""
+    Under torchrun each rank generates for its share of the problems; samples are gathered.
+    Rank 0 shows a progress bar labelled ``label`` while generating and writes every rank's
+    samples to ``samples_path`` (``evaluation.samples``) when one is given."""
     problem_ids = shard(list(range(len(records))))
     records = [records[i] for i in problem_ids]
     prompts = [prompt_ids(tokenizer, r.problem, system_prompt) for r in records]
     params = sampling_params(tokenizer, gen_cfg, cfg.n_samples, token_budget, cfg.temperature, cfg.top_p,
                              cfg.min_p, seed=cfg.seed)
     t0 = time.perf_counter()
-    rollouts = generator.generate(prompts, params)
+    rollouts = generator.generate(prompts, params, progress=label if is_rank0() else None)
     elapsed = time.perf_counter() - t0
     texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
     correct = verify_many(texts, [records[p].answer for p in rollouts.prompt_index], verify_timeout_s)
-    samples = [
-        SampleResult(problem_id=problem_ids[p], answer=last_boxed_answer(text), correct=ok, num_tokens=len(ids),
-                     truncated=reason == "length")
-        for p, text, ok, ids, reason in zip(rollouts.prompt_index, texts, correct, rollouts.token_ids,
-                                            rollouts.finish_reasons)
-    ]
+    seen: dict[int, int] = {}  # completions so far per prompt: the sample's index
+    samples = []
+    for p, text, ok, ids, reason in zip(rollouts.prompt_index, texts, correct, rollouts.token_ids,
+                                        rollouts.finish_reasons, strict=True):
+        seen[p] = seen.get(p, -1) + 1
+        samples.append(EvalSample(problem_id=problem_ids[p], sample=seen[p], problem=records[p].problem,
+                                  gold=records[p].answer, completion=text, extracted_answer=last_boxed_answer(text),
+                                  correct=ok, tokens=len(ids), finish_reason=reason))
     samples = all_gather_objects(samples)
-    summary = summarize(samples, cfg.k_values)
+    if samples_path is not None and is_rank0():
+        write_samples(samples_path, samples)
+    summary = summarize([s.result() for s in sorted(samples, key=lambda s: (s.problem_id, s.sample))],
+                        cfg.k_values)
     summary["generation_s"] = elapsed
-    summary["tokens_per_s"] = sum(s.num_tokens for s in samples) / max(elapsed, 1e-9)
+    summary["tokens_per_s"] = sum(s.tokens for s in samples) / max(elapsed, 1e-9)
     return summary

@@ -48,8 +48,9 @@ class Rollouts:
 
 
 class Generator(Protocol):
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollouts:
-        """Sample ``params.n`` completions for every prompt."""
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: str | None = None) -> Rollouts:
+        """Sample ``params.n`` completions for every prompt. ``progress``: the label of a
+        progress bar over the completions (tqdm, on stderr); None shows none."""
         ...
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from fastmath_nemo.generation.base import Rollouts, SamplingParams
@@ -32,30 +33,34 @@ class TorchGenerator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: str | None = None) -> Rollouts:
+        """``params.n`` completions per prompt, ``max_rows`` rows decoded at once; ``progress``
+        labels a bar that advances as completions finish (None: no bar)."""
         rows = [(p, ids) for p, ids in enumerate(prompt_ids) for _ in range(params.n)]
         rng = torch.Generator(device=self.device)
         rng.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         rollouts = Rollouts()
         was_training = self.model.training
         self.model.eval()
+        bar = tqdm(total=len(rows), desc=progress, unit="completion", disable=progress is None, dynamic_ncols=True)
         try:
             for start in range(0, len(rows), self.max_rows):
                 chunk = rows[start : start + self.max_rows]
                 with torch.autocast(self.device.type, dtype=self.compute_dtype,
                                     enabled=self.compute_dtype != torch.float32):
-                    tokens, logprobs, reasons = self._generate_chunk([ids for _, ids in chunk], params, rng)
+                    tokens, logprobs, reasons = self._generate_chunk([ids for _, ids in chunk], params, rng, bar)
                 rollouts.prompt_index.extend(p for p, _ in chunk)
                 rollouts.token_ids.extend(tokens)
                 rollouts.logprobs.extend(logprobs)
                 rollouts.finish_reasons.extend(reasons)
         finally:
+            bar.close()
             self.model.train(was_training)
         return rollouts
 
     @torch.no_grad()
     def _generate_chunk(
-        self, prompts: list[list[int]], params: SamplingParams, rng: torch.Generator
+        self, prompts: list[list[int]], params: SamplingParams, rng: torch.Generator, bar: tqdm
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         device, n = self.device, len(prompts)
         width = max(len(p) for p in prompts)
@@ -90,6 +95,7 @@ class TorchGenerator:
                     reasons[row] = "stop"
                     finished.append(j)
             if finished:
+                bar.update(len(finished))
                 keep = torch.ones(len(active), dtype=torch.bool, device=device)
                 keep[finished] = False
                 if not keep.any():
@@ -106,6 +112,7 @@ class TorchGenerator:
                 use_cache=True,
             ).logits[:, -1]
             next_pos = next_pos + 1
+        bar.update(reasons.count("length"))  # the rows cut by max_tokens finish here
         return out_tokens, out_logprobs, reasons
 
     @staticmethod

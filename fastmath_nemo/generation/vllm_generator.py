@@ -26,8 +26,9 @@ import importlib.util
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -146,13 +147,15 @@ class VLLMGenerator:
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and cfg.tensor_parallel_size == 1
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: str | None = None) -> Rollouts:
+        """``params.n`` completions per prompt; ``progress`` labels vLLM's bar over prompts (None: none)."""
         from vllm.inputs import TokensPrompt
 
         self.wake()
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         outputs = self.llm.generate(
-            requests, [self._request_params(params, p) for p in range(len(prompt_ids))], use_tqdm=False
+            requests, [self._request_params(params, p) for p in range(len(prompt_ids))],
+            use_tqdm=False if progress is None else _labelled_bar(progress),
         )
         rollouts = Rollouts()
         for p, out in enumerate(outputs):
@@ -257,6 +260,16 @@ def _keep_default_process_group(keep: bool) -> Iterator[None]:
         yield
     finally:
         parallel_state.destroy_distributed_environment = destroy_all
+
+
+def _labelled_bar(label: str) -> Callable[..., Any]:
+    """A tqdm factory for vLLM's ``use_tqdm`` that shows ``label`` (vLLM passes its own desc)."""
+    from tqdm.auto import tqdm
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        return tqdm(*args, **{**kwargs, "desc": label})
+
+    return make
 
 
 def _flatten(buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor]]:

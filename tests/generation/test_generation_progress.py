@@ -1,0 +1,32 @@
+"""Progress bars while generating: the PyTorch sampler's over finished completions, and the
+label handed to vLLM's own bar."""
+
+from __future__ import annotations
+
+import io
+
+from fastmath_nemo.generation.base import SamplingParams
+from fastmath_nemo.generation.torch_generator import TorchGenerator
+
+
+def test_torch_sampler_shows_a_bar_over_completions_only_when_asked(tiny_task, capsys):
+    generator = TorchGenerator(tiny_task.varied_model(seed=0), tiny_task.pad_id, max_rows=4)
+    # 3 prompts x 2 samples in chunks of 4 rows; greedy rows that hit EOS stop, the rest hit max_tokens.
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=6, stop_token_ids=(int(tiny_task.tokenizer.eos_token_id),))
+    quiet = generator.generate(tiny_task.prompts(3), params)
+    assert capsys.readouterr().err == ""
+    shown = generator.generate(tiny_task.prompts(3), params, progress="model@6")
+    err = capsys.readouterr().err
+    assert "model@6" in err and "6/6" in err
+    assert shown.token_ids == quiet.token_ids  # the bar changes nothing about sampling
+
+
+def test_vllm_bar_carries_the_label():
+    from fastmath_nemo.generation.vllm_generator import _labelled_bar
+
+    out = io.StringIO()
+    bar = _labelled_bar("grpo@512")(total=3, desc="Processed prompts", file=out)  # vLLM passes its own desc
+    bar.update(3)
+    bar.close()
+    assert "grpo@512" in out.getvalue() and "Processed prompts" not in out.getvalue()
+
