@@ -265,3 +265,14 @@ def test_refit_of_a_tied_embedding_reaches_the_output_head(tiny_task, prompts, t
         assert gap.abs().max() <= 1e-4
     finally:
         engine.close()
+
+
+@vllm_only
+def test_progress_bar_carries_the_label(engine, prompts, capsys):
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    quiet = engine.generate(prompts, params)
+    assert "Processed prompts" not in capsys.readouterr().err
+    shown = engine.generate(prompts, params, progress="model@4")
+    err = capsys.readouterr().err
+    assert "model@4" in err and "Processed prompts" not in err
+    assert shown.token_ids == quiet.token_ids
