@@ -62,6 +62,11 @@ def evaluate(
     samples = all_gather_objects(samples)
     if samples_path is not None and is_rank0():
         write_samples(samples_path, samples)
+        # The two usual reasons for a pass@1 of 0, said where the person running it looks.
+        unboxed = sum(s.extracted_answer is None for s in samples) / len(samples)
+        cut = sum(s.finish_reason == "length" for s in samples) / len(samples)
+        logger.info("%s: %d samples in %s (%.0f%% without a \\boxed{} answer, %.0f%% cut by the %d-token budget)",
+                    label, len(samples), samples_path, 100 * unboxed, 100 * cut, token_budget)
     summary = summarize([s.result() for s in sorted(samples, key=lambda s: (s.problem_id, s.sample))],
                         cfg.k_values)
     summary["generation_s"] = elapsed

@@ -4,6 +4,7 @@ every rank's samples (two ranks simulated in one process with a scripted generat
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,14 @@ def _evaluate(tiny_task, records, generator, path: Path | None) -> dict[str, Any
                            GenerationConfig(), 64, None, label="model@64", samples_path=path)
 
 
-def test_samples_file_holds_every_graded_completion(tiny_task, scripted, tmp_path):
+def test_samples_file_holds_every_graded_completion(tiny_task, scripted, tmp_path, caplog):
     records, generator = scripted
     path = tmp_path / "eval" / "model@64.samples.jsonl"
-    summary = _evaluate(tiny_task, records, generator, path)
+    with caplog.at_level(logging.INFO, logger=runner.__name__):
+        summary = _evaluate(tiny_task, records, generator, path)
     assert generator.progress == ["model@64"]
+    assert f"model@64: 10 samples in {path} (50% without a \\boxed{{}} answer, 50% cut by the 64-token budget)" \
+        in caplog.text
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["problem_id"], r["sample"]) for r in rows] == [(p, j) for p in range(5) for j in range(N_SAMPLES)]
     first, second = rows[0], rows[1]
