@@ -293,7 +293,10 @@ class MegatronPolicy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if self.cfg.pipeline_parallel_size > 1:
-            micro_batches = _same_shape(micro_batches)
+            # Stages exchange activations of a fixed shape unless told otherwise: micro-batches of
+            # different shapes (a token budget) make megatron send each activation's shape ahead
+            # of it, rather than padding all of them to the most rows x the widest row.
+            self.tcfg.variable_seq_lengths = len({(m.num_rows, m.width) for m in micro_batches}) > 1
         # Sequence parallelism: each TP rank holds width / (cp TP) positions between the linears;
         # context parallelism: each CP rank holds 2 of 2 cp equal chunks.
         multiple = (2 * self.cfg.context_parallel_size if self.cfg.context_parallel_size > 1 else 1) * (
@@ -471,16 +474,6 @@ class MegatronPolicy:
 def _is_packed(micro: Batch) -> bool:
     """Whether any row of ``micro`` holds more than one document."""
     return bool((micro.document_ids.max(dim=-1).values > 1).any())
-
-
-def _same_shape(micro_batches: list[Batch]) -> list[Batch]:
-    """Pipeline schedules exchange activations of one fixed [rows, width] shape: pad every
-    micro-batch to the largest. Added rows and positions are padding: no targets, so they
-    add nothing to any loss; and the losses divide by the step's totals, counted by the
-    loop before this padding, so an added row is not one of Dr.GRPO's ``B`` either."""
-    rows = max(m.num_rows for m in micro_batches)
-    width = max(m.width for m in micro_batches)
-    return [m.padded_to(rows, width) for m in micro_batches]
 
 
 def _from_last_stage(value: Any) -> Any:

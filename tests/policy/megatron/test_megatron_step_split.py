@@ -1,6 +1,6 @@
 """The megatron backend's GRPO step does not depend on how its rows are split: one micro-batch,
 four micro-batches of unequal widths (a token budget), two data-parallel ranks, or two pipeline
-stages (which pad the four micro-batches to one shape) give the same gradient within 1e-6,
+stages (exchanging activations of four different shapes) give the same gradient within 1e-6,
 for every loss aggregation. Gradients are compared under Hugging Face names, gathered from
 megatron's ``main_grad`` buffers after the data-parallel reduction."""
 
@@ -74,8 +74,8 @@ def test_the_megatron_gradient_is_the_pytorch_backends(one_micro_batch) -> None:
 @pytest.mark.parametrize("pp", [1, 2], ids=["dp2", "pp2"])
 def test_two_ranks_give_the_one_batch_gradient(tmp_path: Path, folder: Path, one_micro_batch, pp: int) -> None:
     """torchrun, 2 ranks. DP=2: each rank trains every other row, split by the token budget
-    into 3 and 2 micro-batches. PP=2: both stages run the four micro-batches, padded to one
-    shape (``_same_shape``): the padding rows add no loss and are no rows of the step."""
+    into 3 and 2 micro-batches. PP=2: both stages run the four micro-batches of different
+    shapes as they are (megatron's ``variable_seq_lengths``: no padding to one shape)."""
     out = tmp_path / "grads.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(WORKER), "--backend", "megatron", "--pp", str(pp), "--folder", str(folder), "--out", str(out)]
