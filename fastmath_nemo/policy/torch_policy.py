@@ -217,7 +217,7 @@ class TorchPolicy:
             ]
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: Batch, micro_batch_rows: int = 64) -> torch.Tensor:
+    def reference_logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
         """[B, T] logprobs under the snapshot's weights, without gradients (micro-batched as
         ``logprobs``).
 
