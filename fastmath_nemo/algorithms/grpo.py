@@ -74,7 +74,8 @@ def score_rollouts(
     lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], cfg.length_unit)
     specs = [(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
     total, per_reward = compute_rewards(
-        specs, texts, row_golds, lengths, rollouts.prompt_index, correct=correct, timeout_s=cfg.verify_timeout_s
+        specs, texts, row_golds, lengths, rollouts.prompt_index, correct=correct, timeout_s=cfg.verify_timeout_s,
+        finish_reasons=rollouts.finish_reasons,
     )
     sequences, masks, rollout_lp = [], [], []
     for p, completion, lps in zip(rollouts.prompt_index, rollouts.token_ids, rollouts.logprobs):
