@@ -37,7 +37,7 @@ from fastmath_nemo.config.schema import OptimizerConfig, SFTConfig  # noqa: E402
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits  # noqa: E402
 from fastmath_nemo.data.tokenizer import train_tokenizer  # noqa: E402
 from fastmath_nemo.policy.models import TinyModelConfig, build_tiny_model, load_pretrained  # noqa: E402
-from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
+from fastmath_nemo.policy.torch_policy import TorchPolicy, cosine_with_warmup  # noqa: E402
 from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics  # noqa: E402
 from _sigkill import sigkill_after_checkpoint  # noqa: E402
 
@@ -109,15 +109,10 @@ def digest_tree(directory: Path) -> dict[str, tuple[str, int]]:
 
 
 def uninterrupted_lrs(cfg: OptimizerConfig, total: int) -> list[float]:
-    """The lr of each of ``total`` optimizer steps, from TorchPolicy's scheduler run straight through."""
-    policy = TorchPolicy(torch.nn.Linear(2, 2), torch.device("cpu"))  # type: ignore[arg-type]
-    policy.setup_optimizer(cfg, total)
-    lrs = []
-    for _ in range(total):
-        lrs.append(policy.scheduler.get_last_lr()[0])  # type: ignore[union-attr]
-        policy.optimizer.step()  # type: ignore[union-attr]  # no grads: a no-op; keeps torch's order check quiet
-        policy.scheduler.step()  # type: ignore[union-attr]
-    return lrs
+    """The lr of each of ``total`` optimizer steps under the package's schedule run straight
+    through (the multiplier TorchPolicy's LambdaLR applies)."""
+    warmup = round(cfg.warmup_ratio * total)
+    return [cfg.lr * cosine_with_warmup(step, total, warmup, cfg.min_lr_ratio) for step in range(total)]
 
 
 # -- CLI: SIGKILL mid-SFT, then resume=true -------------------------------------------------------

@@ -71,7 +71,7 @@ class TorchPolicy:
         temperature: float = 1.0,
         compute_dtype: torch.dtype = torch.float32,
         *,
-        logprob_chunk_tokens: int = 4096,
+        logprob_chunk_tokens: int = 1024,
         packed_attention: str = "per_document",
         micro_batching: MicroBatching | None = None,
     ) -> None:
@@ -118,7 +118,10 @@ class TorchPolicy:
         if world_size() > 1 and self._train_module is self._logprob_module:
             # DDP wraps the logprob module (which owns the LM), so the forward that computes
             # the loss is DDP's own and the gradients are all-reduced.
-            self._train_module = torch.nn.parallel.DistributedDataParallel(self._logprob_module)
+            # broadcast_buffers=False: the only buffers are rotary frequencies, computed identically on
+            # every rank; broadcasting them is a collective per forward that ranks holding
+            # different numbers of micro-batches must not be made to match.
+            self._train_module = torch.nn.parallel.DistributedDataParallel(self._logprob_module, broadcast_buffers=False)
 
     def _attention_mask(self, document_ids: torch.Tensor) -> torch.Tensor:
         """The ``attention_mask`` for rows with ``document_ids`` [B, T] (see the module docstring)."""

@@ -212,6 +212,19 @@ def _cached_tokens(engine, prompt: list[int]) -> int:
     return int(out[0].num_cached_tokens or 0)
 
 
+# Uses the module's engine: it must run before the tests below start and close engines of
+# their own (closing an in-process engine tears down vLLM's global model-parallel groups).
+@vllm_only
+def test_progress_bar_carries_the_label(engine, prompts, capsys):
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    quiet = engine.generate(prompts, params)
+    assert "Processed prompts" not in capsys.readouterr().err
+    shown = engine.generate(prompts, params, progress="model@4")
+    err = capsys.readouterr().err
+    assert "model@4" in err and "Processed prompts" not in err
+    assert shown.token_ids == quiet.token_ids
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_tensors_round_trip_exactly(dtype):
     from fastmath_nemo.generation.vllm_worker import pack_tensor, unpack_tensor
@@ -265,14 +278,3 @@ def test_refit_of_a_tied_embedding_reaches_the_output_head(tiny_task, prompts, t
         assert gap.abs().max() <= 1e-4
     finally:
         engine.close()
-
-
-@vllm_only
-def test_progress_bar_carries_the_label(engine, prompts, capsys):
-    params = SamplingParams(temperature=0.0, max_tokens=4)
-    quiet = engine.generate(prompts, params)
-    assert "Processed prompts" not in capsys.readouterr().err
-    shown = engine.generate(prompts, params, progress="model@4")
-    err = capsys.readouterr().err
-    assert "model@4" in err and "Processed prompts" not in err
-    assert shown.token_ids == quiet.token_ids
