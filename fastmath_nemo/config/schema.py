@@ -102,7 +102,7 @@ class PolicyConfig:
     max_tokens_per_micro_batch: Optional[int] = None
     # Logprobs from the final hidden states in chunks of this many tokens (logits of one
     # chunk at a time, recomputed in the backward); 0: whole rows at once ([B, T, V] logits).
-    logprob_chunk_tokens: int = 4096
+    logprob_chunk_tokens: int = 1024
     # Packed rows: per_document (attention per document, memory linear in T) or dense (a
     # [B, 1, T, T] per-document mask; the old path, kept as the benchmarks' baseline).
     packed_attention: str = "per_document"

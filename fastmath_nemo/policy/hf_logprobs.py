@@ -35,7 +35,7 @@ class TokenLogprobs(torch.nn.Module):
     ``out[b, t] = log p(input_ids[b, t + 1] | input_ids[b, :t + 1]) `` under
     ``softmax(logits / temperature)``."""
 
-    def __init__(self, lm: PreTrainedModel, temperature: float = 1.0, chunk_tokens: int = 4096) -> None:
+    def __init__(self, lm: PreTrainedModel, temperature: float = 1.0, chunk_tokens: int = 1024) -> None:
         super().__init__()
         if chunk_tokens < 0:
             raise ValueError(f"chunk_tokens must be >= 0 (0: whole rows), got {chunk_tokens}")

@@ -111,7 +111,7 @@ class MegatronPolicy:
         temperature: float = 1.0,
         params_dtype: torch.dtype = torch.float32,
         seed: int = 0,
-        logprob_chunk_tokens: int = 4096,
+        logprob_chunk_tokens: int = 1024,
         packed_attention: str = "per_document",
         micro_batching: MicroBatching | None = None,
     ) -> None:
