@@ -71,6 +71,18 @@ class TinyTask:
         return [sft_example(self.tokenizer, r.problem, r.trace, SYSTEM_PROMPT) for r in self.train[start : start + n]]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny tensors gain nothing from threads, and on a
+    busy machine extra threads only spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_task():
     import torch

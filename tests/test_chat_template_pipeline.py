@@ -32,14 +32,8 @@ from fastmath_nemo.data.tokenizer import CHAT_TEMPLATE, build_task_tokenizer  # 
 from fastmath_nemo.policy.models import TinyModelConfig, build_tiny_model, load_pretrained  # noqa: E402
 from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
 
-R1_STYLE_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- if message['role'] == 'assistant' -%}{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' + '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"
-)
+from _templates import R1_STYLE_TEMPLATE  # noqa: E402  (tests/_templates.py)
+
 TINY = [
     "data.synthetic.n_train=8", "data.synthetic.n_eval=2", "sft.epochs=1", "sft.rows_per_step=4",
     "sft.eval_every_epoch=false", "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.num_generations=2",
@@ -50,13 +44,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads; on a busy machine extra threads only spin.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors gain nothing from threads (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -47,13 +47,8 @@ MODEL_CFG = TinyModelConfig(hidden_size=64, num_layers=2, num_attention_heads=2,
                             intermediate_size=128, max_position_embeddings=512)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads; on a busy machine extra threads only spin.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors gain nothing from threads (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli_env() -> dict[str, str]:

@@ -22,6 +22,8 @@ from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits
 from fastmath_nemo.data.tokenizer import train_tokenizer
 
+from _templates import R1_STYLE_TEMPLATE  # noqa: E402  (tests/_templates.py)
+
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
@@ -111,16 +113,6 @@ def test_missing_template_is_rejected() -> None:
 
 
 # -- templates that rewrite assistant turns ---------------------------------------------------------
-# Like DeepSeek-R1-Distill's: assistant turns keep only the text after the last '</think>', and
-# the generation prompt opens the think block (as its current revision does).
-R1_STYLE_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- if message['role'] == 'assistant' -%}{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' + '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"
-)
 R1_STYLE_NO_THINK_PROMPT = R1_STYLE_TEMPLATE.replace("assistant\\n<think>\\n", "assistant\\n")
 R1_TRACE = "<think>\nSubtract 3: 2x = 4.\nDivide by 2: x = 2.\n</think>\n\nThe answer is \\boxed{2}."
 REWRITE_NOTE = "rewrites assistant turns"
