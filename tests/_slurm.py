@@ -47,6 +47,15 @@ class Cluster:
         line = self.run("scontrol", "show", "job", "-o", str(job_id)).strip()
         return dict(field.split("=", 1) for field in line.split() if "=" in field)
 
+    def daemon_logs(self, lines: int = 40) -> str:
+        """The last ``lines`` of slurmctld's and slurmd's logs, for failure messages."""
+        tails = []
+        for name in ("slurmctld", "slurmd"):
+            path = self.dir / "log" / f"{name}.log"
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
+            tails.append(f"--- {path}\n" + "\n".join(text))
+        return "\n".join(tails)
+
     def wait_job(self, job_id: int, done: Callable[[dict[str, str]], bool], timeout: float, what: str,
                  log: Path | None = None) -> dict[str, str]:
         """Poll the job until ``done(info)``; AssertionError naming ``what`` (with ``log``'s tail) on timeout."""
@@ -58,7 +67,7 @@ class Cluster:
             if time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
                 raise AssertionError(f"job {job_id}: no {what} within {timeout} s; now {info.get('JobState')}"
-                                     f" (Restarts={info.get('Restarts')}):\n{tail}")
+                                     f" (Restarts={info.get('Restarts')}):\n{tail}\n{self.daemon_logs()}")
             time.sleep(0.25)
 
 
