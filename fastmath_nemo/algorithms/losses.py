@@ -182,6 +182,11 @@ def sft_loss(
     return loss, {"loss": loss.detach(), "num_tokens": num_tokens.detach()}
 
 
+# veRL's low_var_kl bounds: the log-ratio before exp, then the per-token estimate.
+KL_LOG_RATIO_CLAMP = 20.0
+KL_TOKEN_CLAMP = 10.0
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of ``KL(pi || pi_ref)``, elementwise.
 
@@ -190,9 +195,14 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
         k3 = exp(d) - d - 1   >= 0,   Tensor[B, T]
 
     Unbiased for the KL when tokens are sampled from ``pi`` and always non-negative.
+
+    Clamped as veRL's ``low_var_kl``: ``d`` to ``[-20, 20]`` before the ``exp`` and ``k3`` to
+    at most ``10``, so one token the reference finds far likelier (``exp(d)`` overflows to
+    inf in fp32 from ``d ~ 89``) cannot make the loss infinite; a clamped token passes no
+    gradient.
     """
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1.0
+    d = torch.clamp(ref_logprobs - logprobs, min=-KL_LOG_RATIO_CLAMP, max=KL_LOG_RATIO_CLAMP)
+    return torch.clamp(torch.exp(d) - d - 1.0, max=KL_TOKEN_CLAMP)
 
 
 @dataclass

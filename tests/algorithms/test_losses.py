@@ -216,6 +216,22 @@ def test_kl_k3_values() -> None:
     assert kl_k3(lp, ref)[0, 0].item() == pytest.approx(0.148721, abs=1e-6)
 
 
+def test_kl_k3_is_clamped_like_verl_low_var_kl() -> None:
+    # d = ref - lp = 100 (a token the reference finds e^100 times likelier): e^100 is inf in
+    # fp32, so unclamped the loss was inf. d is clamped to 20, e^20 - 21 = 4.85e8, then k3 to 10.
+    # d = -30: clamped to -20, e^-20 + 20 - 1 = 19.0000, then 10. d = 3: e^3 - 4 = 16.0855 -> 10.
+    # d = 2.0: e^2 - 3 = 4.3890561, under both bounds, unchanged.
+    lp = torch.zeros(1, 4)
+    ref = torch.tensor([[100.0, -30.0, 3.0, 2.0]])
+    torch.testing.assert_close(kl_k3(lp, ref), torch.tensor([[10.0, 10.0, 10.0, math.exp(2.0) - 3.0]]))
+    # In the loss: r = 1, A = 1, beta = 0.1: loss = -1 + 0.1 * 10 = 0, finite; the clamped KL
+    # passes no gradient, so dL/dlp = -A r = -1 (the policy-gradient term only).
+    loss, m, grad = one_token(0.0, 1.0, GRPOLossConfig(beta=0.1), ref_logprobs=torch.tensor([[0.0, 100.0]]))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert m["kl"].item() == pytest.approx(10.0)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -1.0]]))
+
+
 # ----------------------------------------------------------------------------- GRPO clipping
 
 
