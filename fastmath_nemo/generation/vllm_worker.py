@@ -27,6 +27,20 @@ class WorkerExtension:
         weights = [(name, unpack_tensor(*p)) for name, p in zip(names, packed)]
         self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
 
+    def set_logit_temperature(self, temperature: float) -> None:
+        """Divide the model's logits by ``temperature`` in its ``LogitsProcessor`` (whose
+        ``scale`` multiplies the logits after the output head, before vLLM's sampler), so
+        that ``logprobs_mode="raw_logprobs"`` reports ``log softmax(logits / temperature)``:
+        vLLM has no mode for the tempered, untruncated logprobs the trainer computes."""
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        head = getattr(model, "logits_processor", None)
+        if head is None or not hasattr(head, "scale"):
+            raise RuntimeError(f"vLLM model {type(model).__name__} has no logits_processor.scale to fold the "
+                               "sampling temperature into; rollout logprobs would not be the trainer's")
+        if not hasattr(head, "fastmath_model_scale"):  # the model's own scale (e.g. a config's logit_scale)
+            head.fastmath_model_scale = head.scale
+        head.scale = head.fastmath_model_scale / temperature
+
     def refresh_tied_lm_head(self) -> bool:
         """After a reload, re-derive what vLLM computed from the tied output head's weight.
 
