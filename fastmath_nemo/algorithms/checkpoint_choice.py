@@ -1,0 +1,163 @@
+"""Which GRPO checkpoint the stage outputs: held-out evaluations during GRPO and ``grpo.keep``.
+
+    step 0, every grpo.eval_every_steps, the last step:
+        pass@1, mean output tokens on a held-out slice        metrics: grpo_heldout / heldout/*
+    keep=last: the last step's weights
+    keep=best: fewest held-out mean tokens among the evaluations whose pass@1 is at least
+               step 0's minus grpo.keep_tolerance (step 0 always qualifies: GRPO never
+               outputs a model worse than its start on this slice)
+
+As the reference repository saved every 5 steps and picked by evaluation. With keep=best the
+best-so-far weights are saved as ``<stage>/candidates/step_N`` when found (the last step's
+are the policy itself), and moved to ``<stage>/final`` at the end. The evaluations so far are
+part of every checkpoint's loop state, so a resumed run chooses as an uninterrupted one; a
+candidate is deleted only once a checkpoint recording a newer best has been written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastmath_nemo.checkpoint.atomic import atomic_write_json, is_complete, list_checkpoints
+from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.config.schema import GRPOConfig
+from fastmath_nemo.generation.base import Generator
+from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0
+from fastmath_nemo.utils.metrics_logger import MetricsLogger
+
+logger = logging.getLogger(__name__)
+KEPT_FILE = "kept.json"  # <stage dir>/kept.json: the step kept, why, and every held-out evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldoutResult:
+    """One held-out evaluation of the policy after ``step`` GRPO steps (0: the stage's start)."""
+
+    step: int
+    pass_at_1: float
+    mean_tokens: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "pass@1": self.pass_at_1, "mean_tokens": self.mean_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HeldoutResult":
+        return cls(int(d["step"]), float(d["pass@1"]), float(d["mean_tokens"]))
+
+
+def choose(history: list[HeldoutResult], keep: str, tolerance: float, last_step: int) -> tuple[int, str]:
+    """(step to keep, a sentence saying why). ``history`` starts with step 0's evaluation.
+    Ties on mean tokens go to the higher pass@1, then to the later step."""
+    if keep == "last" or not history:
+        return last_step, f"grpo.keep={keep}: the last step's weights"
+    start = history[0]
+    assert start.step == 0, "the held-out history must start with the GRPO start (step 0)"
+    floor = start.pass_at_1 - tolerance
+    eligible = [h for h in history if h.pass_at_1 >= floor - 1e-9]
+    best = min(eligible, key=lambda h: (h.mean_tokens, -h.pass_at_1, -h.step))
+    excluded = [h for h in history if h not in eligible]
+    reason = (f"grpo.keep=best: step {best.step} has the fewest held-out mean tokens ({best.mean_tokens:.1f}, "
+              f"step 0: {start.mean_tokens:.1f}) among the {len(eligible)} of {len(history)} evaluations whose "
+              f"pass@1 stayed within {100 * tolerance:.1f} points of step 0's {100 * start.pass_at_1:.1f}% "
+              f"(step {best.step}: {100 * best.pass_at_1:.1f}%)")
+    if excluded:
+        reason += "; below that: " + ", ".join(f"step {h.step} ({100 * h.pass_at_1:.1f}%)" for h in excluded)
+    return best.step, reason
+
+
+class CheckpointChoice:
+    """Held-out evaluations and the kept checkpoint of one GRPO stage (a no-op keeping the
+    last step when ``evaluate`` is None). ``evaluate(step)`` returns the summary of
+    ``evaluation.runner.evaluate`` (``pass@1``, ``mean_output_tokens``) for the policy's
+    current weights, which the generator holds; every rank calls every method."""
+
+    def __init__(self, cfg: GRPOConfig, evaluate: Callable[[int], dict[str, Any]] | None,
+                 checkpoints: CheckpointManager, metrics: MetricsLogger) -> None:
+        self.cfg = cfg
+        self.evaluate = evaluate if cfg.eval_every_steps > 0 else None
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.candidates = checkpoints.stage_dir / "candidates"
+        self.history: list[HeldoutResult] = []
+
+    def restore(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """The evaluations recorded in a resumed ``checkpoint``'s loop state (:meth:`state`)."""
+        self.history = [HeldoutResult.from_dict(d) for d in state.get("heldout", [])]
+        if self.evaluate is not None and not self.history:
+            raise ValueError(f"{checkpoint}: no held-out evaluation of the GRPO start (step 0) in this checkpoint "
+                             "(written with grpo.eval_every_steps=0), which grpo.eval_every_steps > 0 compares "
+                             "with: resume with grpo.eval_every_steps=0, or start the GRPO stage again")
+
+    def state(self) -> dict[str, Any]:
+        """Loop state for a checkpoint: plain lists and numbers (loads with weights_only)."""
+        return {"heldout": [h.to_dict() for h in self.history]}
+
+    def _kept(self) -> int:
+        return choose(self.history, self.cfg.keep, self.cfg.keep_tolerance, self.cfg.steps)[0]
+
+    def after_step(self, step: int, policy: Any, generator: Generator) -> None:
+        """Evaluate when ``step`` is due (0, every ``eval_every_steps``, the last) and not yet
+        evaluated; with keep=best save the weights when they are the new best."""
+        due = step == 0 or step % self.cfg.eval_every_steps == 0 or step == self.cfg.steps \
+            if self.evaluate is not None else False
+        if not due or any(h.step == step for h in self.history):
+            return
+        generator.wake()
+        summary = self.evaluate(step)  # type: ignore[misc]
+        generator.sleep()
+        # Every rank computed the same summary from all ranks' samples; rank 0's is the one used.
+        result = broadcast_object(HeldoutResult(step, float(summary["pass@1"]), float(summary["mean_output_tokens"])))
+        assert isinstance(result, HeldoutResult)
+        self.history.append(result)
+        self.metrics.log("grpo_heldout", step, {"heldout/pass@1": result.pass_at_1,
+                                                "heldout/mean_tokens": result.mean_tokens})
+        if self.cfg.keep == "best" and step < self.cfg.steps and self._kept() == step:
+            self.checkpoints.save_as(policy, self.candidates / f"step_{step}", {"step": step})
+
+    def save_checkpoint(self, policy: Any, step: int) -> Path:
+        """A resumable checkpoint with the evaluations so far; then the candidates that no
+        checkpoint can need any more (all but the best so far) are deleted."""
+        path = self.checkpoints.save(policy, step, self.state())
+        if is_rank0() and self.history:
+            kept = self._kept()
+            for candidate_step, candidate in list_checkpoints(self.candidates):
+                if candidate_step != kept:
+                    shutil.rmtree(candidate)
+        return path
+
+    def finish(self, policy: Any) -> Path:
+        """Write ``<stage>/final`` with the kept weights and ``<stage>/kept.json``."""
+        steps = self.cfg.steps
+        kept, reason = choose(self.history, self.cfg.keep, self.cfg.keep_tolerance, steps)
+        if self.history and is_rank0():
+            atomic_write_json(self.checkpoints.stage_dir / KEPT_FILE, {
+                "keep": self.cfg.keep, "step": kept, "of_steps": steps, "reason": reason,
+                "keep_tolerance": self.cfg.keep_tolerance,
+                "heldout": {"problems": self.cfg.heldout_problems, "n_samples": self.cfg.heldout_n_samples,
+                            "token_budget": self.cfg.heldout_token_budget},
+                "evaluations": [h.to_dict() for h in self.history],
+            })
+        if self.history:
+            logger.info("GRPO output: step %d of %d (%s)", kept, steps, reason)
+        if kept == steps:
+            final = self.checkpoints.save_final(policy, {"step": steps})
+        else:
+            final = self.checkpoints.final_dir
+            if is_rank0():
+                source = self.candidates / f"step_{kept}"
+                if not is_complete(source):
+                    raise RuntimeError(f"{source}: the kept step's weights are missing (grpo.keep=best chose step "
+                                       f"{kept}); start the stage again without resume")
+                if final.exists():  # never complete here (the stage would have been skipped)
+                    shutil.rmtree(final)
+                os.replace(source, final)  # same directory tree: an atomic rename, no copy
+            barrier()
+        if is_rank0():
+            shutil.rmtree(self.candidates, ignore_errors=True)
+        return final

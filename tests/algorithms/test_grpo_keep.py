@@ -1,0 +1,140 @@
+"""GRPO's held-out evaluations and the kept checkpoint (algorithms.checkpoint_choice).
+
+The rule on hand-made histories; then run_grpo with the tiny model, the PyTorch sampler and an
+evaluation that returns chosen figures, so the kept step is known in advance: the stage's
+output must hold that step's weights (snapshotted when it was evaluated), also when the run is
+killed after a checkpoint and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastmath_nemo.algorithms.checkpoint_choice import KEPT_FILE, HeldoutResult, choose
+from fastmath_nemo.algorithms.grpo import run_grpo
+from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig, OptimizerConfig, RewardSpec
+from fastmath_nemo.generation.torch_generator import TorchGenerator
+from fastmath_nemo.policy.torch_policy import TorchPolicy
+from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def H(step: int, pass_at_1: float, tokens: float) -> HeldoutResult:
+    return HeldoutResult(step, pass_at_1, tokens)
+
+
+def test_best_is_fewest_tokens_within_tolerance_of_step_0():
+    history = [H(0, 0.90, 100.0), H(10, 0.89, 80.0), H(20, 0.87, 60.0), H(30, 0.95, 70.0), H(40, 0.70, 40.0)]
+    step, reason = choose(history, "best", 0.02, last_step=40)
+    # floor 0.88: steps 20 (0.87) and 40 (0.70) fail it; of 0, 10, 30 step 30 has the fewest tokens
+    assert step == 30
+    assert "3 of 5 evaluations" in reason and "step 20 (87.0%), step 40 (70.0%)" in reason
+    assert choose(history, "best", 0.03, last_step=40)[0] == 20  # floor 0.87 admits step 20
+    assert choose(history, "last", 0.02, last_step=40) == (40, "grpo.keep=last: the last step's weights")
+
+
+def test_best_falls_back_to_the_start_and_breaks_ties_by_accuracy():
+    # Every GRPO step lost accuracy: the stage outputs its start.
+    assert choose([H(0, 0.5, 90.0), H(5, 0.4, 50.0)], "best", 0.05, last_step=5)[0] == 0
+    # Equal tokens: the higher pass@1; equal both: the later step.
+    assert choose([H(0, 0.5, 90.0), H(5, 0.6, 50.0), H(10, 0.55, 50.0)], "best", 0.0, last_step=10)[0] == 5
+    assert choose([H(0, 0.5, 90.0), H(5, 0.6, 50.0), H(10, 0.6, 50.0)], "best", 0.0, last_step=10)[0] == 10
+
+
+def test_history_must_start_at_step_0():
+    with pytest.raises(AssertionError, match="step 0"):
+        choose([H(5, 0.5, 10.0)], "best", 0.1, last_step=5)
+
+
+# -- run_grpo --------------------------------------------------------------------------------
+# (pass@1, mean tokens) the scripted evaluation reports per step: step 2 is the best (within
+# 0.02 of step 0's 0.90, fewest tokens of those), step 4 has fewer tokens but lost accuracy.
+FIGURES = {0: (0.90, 100.0), 2: (0.89, 60.0), 4: (0.50, 30.0)}
+
+
+class ScriptedEvaluation:
+    """``evaluate_heldout``: reports FIGURES[step] and snapshots the policy's weights then."""
+
+    def __init__(self, policy: TorchPolicy, crash_at: int | None = None) -> None:
+        self.policy, self.crash_at = policy, crash_at
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, step: int) -> dict[str, float]:
+        if step == self.crash_at:
+            raise KeyboardInterrupt(f"killed at step {step}")
+        self.weights[step] = {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
+        pass_at_1, tokens = FIGURES[step]
+        return {"pass@1": pass_at_1, "mean_output_tokens": tokens}
+
+
+def grpo_cfg(**overrides) -> GRPOConfig:
+    # cosine: completions of different lengths get different rewards, so the weights move
+    settings = dict(steps=4, prompts_per_step=2, num_generations=2, beta=0.0, rewards=[RewardSpec("cosine", 1.0, {"max_len": 12})],
+                    optimizer=OptimizerConfig(lr=1e-2, warmup_ratio=0.0), eval_every_steps=2, keep="best",
+                    keep_tolerance=0.02, save_every_steps=0)
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, crash_at: int | None = None):
+    policy = TorchPolicy(task.varied_model(seed=3, std=0.1), torch.device("cpu"), temperature=1.0)
+    generator = TorchGenerator(policy.model, task.pad_id, max_rows=8)
+    evaluation = ScriptedEvaluation(policy, crash_at)
+    checkpoints = CheckpointManager(stage_dir, task.tokenizer, cfg.keep_last_checkpoints)
+    with MetricsLogger(stage_dir / "metrics.jsonl", enabled=True) as metrics:
+        final = run_grpo(policy, generator, task.tokenizer, task.train[:4], cfg, GenerationConfig(max_tokens=12),
+                         SYSTEM_PROMPT, checkpoints, metrics, seed=3, micro_batch_rows=8, resume=resume,
+                         evaluate_heldout=evaluation)
+    return final, evaluation, policy
+
+
+def weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    saved = weights_of(folder)
+    assert saved and all(torch.equal(v, expected[k]) for k, v in saved.items())
+
+
+def test_keep_best_outputs_the_chosen_steps_weights_and_says_why(tiny_task, one_thread, tmp_path):
+    final, evaluation, policy = run(tiny_task, grpo_cfg(), tmp_path / "grpo")
+    assert sorted(evaluation.weights) == [0, 2, 4]
+    assert final == tmp_path / "grpo" / "final"
+    assert_same_weights(final, evaluation.weights[2])
+    # ... which are not the last step's (GRPO moved the weights)
+    last = policy.model.state_dict()
+    assert any(not torch.equal(v, last[k]) for k, v in weights_of(final).items())
+    kept = json.loads((tmp_path / "grpo" / KEPT_FILE).read_text())
+    assert kept["step"] == 2 and kept["of_steps"] == 4 and "step 4 (50.0%)" in kept["reason"]
+    assert [e["step"] for e in kept["evaluations"]] == [0, 2, 4]
+    logged = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if r["stage"] == "grpo_heldout"]
+    assert [(r["step"], r["heldout/pass@1"], r["heldout/mean_tokens"]) for r in logged] == \
+        [(s, *FIGURES[s]) for s in (0, 2, 4)]
+    assert not (tmp_path / "grpo" / "candidates").exists()  # moved or deleted at the end
+
+
+def test_keep_last_outputs_the_last_weights(tiny_task, one_thread, tmp_path):
+    final, evaluation, policy = run(tiny_task, grpo_cfg(keep="last"), tmp_path / "grpo")
+    assert_same_weights(final, evaluation.weights[4])
+    assert json.loads((tmp_path / "grpo" / KEPT_FILE).read_text())["step"] == 4
+
+
+def test_resume_keeps_the_step_chosen_before_the_kill(tiny_task, one_thread, tmp_path):
+    stage = tmp_path / "grpo"
+    with pytest.raises(KeyboardInterrupt):  # killed at step 4's evaluation, after the step-3 checkpoint
+        run(tiny_task, grpo_cfg(save_every_steps=3), stage, crash_at=4)
+    # the checkpoint recorded evaluations 0 and 2; only the best so far (2) is still kept
+    assert [p.name for p in (stage / "candidates").iterdir()] == ["step_2"]
+    step2 = weights_of(stage / "candidates" / "step_2")
+    final, evaluation, _ = run(tiny_task, grpo_cfg(save_every_steps=3), stage, resume=True)
+    assert sorted(evaluation.weights) == [4]  # 0 and 2 came from the checkpoint
+    assert_same_weights(final, step2)
+    assert json.loads((stage / KEPT_FILE).read_text())["step"] == 2
