@@ -26,12 +26,13 @@ weights only, and ``wake`` the rest before the next rollout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ import torch
 
 from fastmath_nemo.config.schema import VLLMConfig
 from fastmath_nemo.generation.base import Rollouts, SamplingParams
+from fastmath_nemo.generation.vllm_distributed import EngineGroups, generate_across_engines
 from fastmath_nemo.generation.vllm_worker import pack_tensor
+from fastmath_nemo.utils.distributed import world_size
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,10 @@ class VLLMGenerator:
     """``generation.backend=vllm``. ``model_dir`` is a Hugging Face folder with the same
     architecture and tokenizer as the policy (its weights are replaced by the first refit)."""
 
-    def __init__(self, model_dir: str | Path, cfg: VLLMConfig, *, seed: int) -> None:
+    def __init__(self, model_dir: str | Path, cfg: VLLMConfig, *, seed: int, tensor_parallel_size: int | None = None) -> None:
+        """``tensor_parallel_size``: the engine's TP size (None: ``cfg.tensor_parallel_size``).
+        Under torchrun every rank must build its generator at the same time (a collective):
+        see :mod:`~fastmath_nemo.generation.vllm_distributed`."""
         on_gpu = torch.cuda.is_available()
         require_vllm("cuda" if on_gpu else "cpu")
         # The engine core runs in this process (no copy of the weights over IPC; 2-3 s init
@@ -133,13 +139,19 @@ class VLLMGenerator:
         self.sleep_enabled = on_gpu and cfg.sleep_level > 0
         self.asleep = False
         self._folded_temperature = 1.0  # what the engine's logits are divided by (_fold_temperature)
+        tp = tensor_parallel_size or cfg.tensor_parallel_size or 1
+        # Under torchrun the trainer's ranks are the engines' TP workers (vllm_distributed.py).
+        self.groups = EngineGroups.current(tp) if world_size() > 1 else None
+        self.seed, self._calls = seed, 0
+        rng = _global_rng_state()  # LLM(seed=...) reseeds the process's generators: the trainer's
         self.llm = LLM(
             model=str(model_dir),
             dtype=str(self.dtype).removeprefix("torch."),
             seed=seed,
             max_model_len=cfg.max_model_len,
             enforce_eager=True if not on_gpu else cfg.enforce_eager,
-            tensor_parallel_size=cfg.tensor_parallel_size,
+            tensor_parallel_size=tp,
+            distributed_executor_backend="external_launcher" if self.groups is not None else None,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_prefix_caching=True,
             enable_sleep_mode=self.sleep_enabled,
@@ -149,19 +161,32 @@ class VLLMGenerator:
             # ("CPU Generator does not use offset"); whole prefills avoid that path.
             enable_chunked_prefill=on_gpu,
         )
+        _set_global_rng_state(rng)
         self.tokenizer = self.llm.get_tokenizer()
-        self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and cfg.tensor_parallel_size == 1
+        # external_launcher's workers are this process too, whatever the TP size
+        self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and (tp == 1 or self.groups is not None)
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: str | None = None) -> Rollouts:
-        """``params.n`` completions per prompt; ``progress`` labels vLLM's bar over prompts (None: none)."""
+        """``params.n`` completions per prompt; ``progress`` labels vLLM's bar over prompts (None: none).
+        Under torchrun a collective: ``prompt_ids`` are this rank's data-parallel share."""
+        self.wake()
+        if self.groups is None:
+            return self._generate(prompt_ids, params, range(len(prompt_ids)), progress)
+        self._calls += 1
+        if params.seed is None:  # the ranks of an engine must draw the same samples
+            params = dataclasses.replace(params, seed=self.seed * 7_919 + self._calls)
+        return generate_across_engines(self._generate, prompt_ids, params, self.groups, progress)
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, keys: Sequence[int],
+                  progress: str | None) -> Rollouts:
+        """This engine's rollouts; request ``i`` is seeded from ``keys[i]``."""
         from vllm.inputs import TokensPrompt
 
-        self.wake()
         self._fold_temperature(params.temperature)
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         outputs = self.llm.generate(
-            requests, [self._request_params(params, p) for p in range(len(prompt_ids))],
+            requests, [self._request_params(params, key) for key in keys],
             use_tqdm=False if progress is None else _labelled_bar(progress),
         )
         rollouts = Rollouts()
@@ -174,7 +199,7 @@ class VLLMGenerator:
                 rollouts.finish_reasons.append("stop" if completion.finish_reason == "stop" else "length")
         return rollouts
 
-    def _request_params(self, params: SamplingParams, prompt: int):  # -> vllm.SamplingParams
+    def _request_params(self, params: SamplingParams, key: int):  # -> vllm.SamplingParams
         """Our SamplingParams in vLLM's terms. One-token stop sequences (``</think>`` in
         R1-style tokenizers, EOS) become stop token ids; longer ones stop strings, which
         vLLM matches on the detokenized text and keeps in the output like we do."""
@@ -193,7 +218,7 @@ class VLLMGenerator:
             include_stop_str_in_output=True,
             ignore_eos=True,  # EOS ends a completion only when the caller lists it, as in our sampler
             # vLLM gives sample j of a request the seed ``seed + j``: spread prompts apart.
-            seed=None if params.seed is None else params.seed * 1_000_003 + prompt * params.n,
+            seed=None if params.seed is None else params.seed * 1_000_003 + key * params.n,
             logprobs=0,
         )
 
@@ -275,6 +300,28 @@ def _keep_default_process_group(keep: bool) -> Iterator[None]:
         yield
     finally:
         parallel_state.destroy_distributed_environment = destroy_all
+
+
+def _global_rng_state() -> tuple[Any, ...]:
+    """Python's, NumPy's and torch's global generator states (CUDA's too on GPUs)."""
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_global_rng_state(state: tuple[Any, ...]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
 
 
 def _labelled_bar(label: str) -> Callable[..., Any]:
