@@ -113,11 +113,13 @@ def run_sft(
     split = MicroBatching(rows=micro_batch_rows, max_tokens=max_tokens_per_micro_batch)
     steps_per_epoch = len(step_batches(data, cfg, seed, 0))
     total_steps = cfg.epochs * steps_per_epoch
-    policy.setup_optimizer(cfg.optimizer, total_steps)  # type: ignore[attr-defined]
+    policy.setup_optimizer(cfg.optimizer, total_steps)
     start = 0
     if resume and (latest := checkpoints.latest()) is not None:
         start = int(policy.load(latest)["step"])
         logger.info("resuming SFT from %s (step %d of %d)", latest, start, total_steps)
+        for stage in ("sft", "sft_eval"):  # supersede steps a killed run logged after its checkpoint
+            metrics.resume(stage, start)
     logger.info("SFT: %d examples, %d epochs x %d steps", len(data.examples), cfg.epochs, steps_per_epoch)
 
     progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not is_rank0())

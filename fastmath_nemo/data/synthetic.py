@@ -20,8 +20,8 @@ So SFT has arithmetic to teach and GRPO has redundant length to remove.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
+from fastmath_nemo.config.schema import SyntheticTaskConfig  # defined with the config
 from fastmath_nemo.data.records import MathRecord
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -29,17 +29,6 @@ _TEMPLATES = ("What is {expr}?", "Compute {expr}.", "Evaluate {expr}.", "Find th
 # One opener, as R1's "Wait": with several, sampling at temperature < 1 sharpens towards
 # "</think>" (the single most likely next token) and hides the redundant length from GRPO.
 CHECK_OPENER = "Wait, let me double-check."
-
-
-@dataclass
-class SyntheticTaskConfig:
-    seed: int = 1234
-    n_train: int = 4000
-    n_eval: int = 200
-    min_operand: int = 10
-    max_operand: int = 99
-    n_ops: int = 2
-    max_checks: int = 3
 
 
 def _digits(n: int) -> list[int]:

@@ -10,13 +10,13 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from fastmath_nemo.algorithms.grpo import sampling_params
 from fastmath_nemo.config.schema import EvalConfig, GenerationConfig
 from fastmath_nemo.data.chat import prompt_ids
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.evaluation.metrics import summarize
 from fastmath_nemo.evaluation.samples import EvalSample, write_samples
 from fastmath_nemo.generation.base import Generator
+from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.rewards.extract import last_boxed_answer
 from fastmath_nemo.rewards.verify import verify_many
 from fastmath_nemo.utils.distributed import all_gather_objects, is_rank0, shard

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from fastmath_nemo.batch import Batch
+from fastmath_nemo.config.schema import OptimizerConfig
 
 # (logprobs[B, T], batch) -> (scalar loss, metrics). Pure; see fastmath_nemo/algorithms/losses.py.
 # The loss is the micro-batch's share of the step's loss (its sum over micro-batches and
@@ -17,6 +18,18 @@ LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Ten
 
 
 class Policy(Protocol):
+    """What the stage loops (``algorithms/sft.py``, ``algorithms/grpo.py``) and the checkpoint
+    manager use; ``TorchPolicy`` and ``MegatronPolicy`` implement it."""
+
+    # True when every rank holds a shard of the weights and must take part in save() (megatron);
+    # False when rank 0 holds all of them (CheckpointManager then saves on rank 0 alone).
+    saves_collectively: bool
+
+    def setup_optimizer(self, cfg: OptimizerConfig, total_steps: int) -> None:
+        """AdamW and the warmup + cosine LR schedule over ``total_steps`` optimizer steps;
+        before ``train_step`` and before ``load`` (which restores their state)."""
+        ...
+
     def logprobs(self, batch: Batch) -> torch.Tensor:
         """Per-token logprobs [B, T] (see Batch for alignment), without gradients, in the
         batch's row order, computed in the policy's configured micro-batches
@@ -50,8 +63,11 @@ class Policy(Protocol):
         """Weights under Hugging Face names, one tensor at a time."""
         ...
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, extra_state: dict[str, Any] | None = None) -> None:
+        """Weights (a Hugging Face folder), optimizer and scheduler state, and the loop's
+        ``extra_state`` (e.g. ``{"step": 12}``). Collective when ``saves_collectively``."""
         ...
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path) -> dict[str, Any]:
+        """Restore what ``save`` wrote (optimizer state when set up); returns its ``extra_state``."""
         ...

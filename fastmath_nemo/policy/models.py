@@ -7,29 +7,15 @@ config with random weights: nothing is downloaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from fastmath_nemo.config.schema import DTYPES as DTYPE_NAMES
+from fastmath_nemo.config.schema import TinyModelConfig  # defined with the config
 
-
-@dataclass
-class TinyModelConfig:
-    """Shape of the embedded model. head_dim = hidden_size / num_attention_heads must be
-    one that vLLM's CPU attention backend accepts (32, 64, 80, 96, 112, 128, ...)."""
-
-    architecture: Literal["qwen2", "llama"] = "qwen2"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 384
-    max_position_embeddings: int = 1024
-    tie_word_embeddings: bool = True
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
 
 
 def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:

@@ -64,6 +64,8 @@ class TorchPolicy:
     micro_batching: how ``logprobs`` splits a batch (default: 16 rows at a time).
     """
 
+    saves_collectively = False  # the whole model is on every rank: rank 0 saves alone
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -268,7 +270,7 @@ class TorchPolicy:
             raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         state_path = Path(directory) / TRAINER_STATE
         state = load_trainer_state(state_path, map_location=self.device) if state_path.exists() else {}
-        if self.optimizer is not None and "optimizer" in state:
+        if self.optimizer is not None and self.scheduler is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])  # type: ignore[union-attr]
+            self.scheduler.load_state_dict(state["scheduler"])
         return state.get("extra", {})

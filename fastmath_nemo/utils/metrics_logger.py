@@ -3,6 +3,15 @@
 Each line is ``{"stage": ..., "step": ..., "time": <unix seconds>, <metric>: <value>, ...}``.
 Tensors and NumPy scalars become Python numbers. NaN and +/-inf are written as ``null``:
 JSON has no literal for them and Python's ``NaN``/``Infinity`` tokens break strict parsers.
+
+**Resumed runs.** A run killed between checkpoints may have logged steps after its last
+checkpoint; the resumed run trains those steps again and logs them again. The file stays
+append-only (the killed run's lines remain for forensics): :meth:`MetricsLogger.resume`
+appends a marker ``{"stage": "resume", "step": k, "resumed_stage": S, "superseded": n}``, and
+the rule every reader applies (:func:`read_metrics` does; ``raw=True`` skips it) is: a marker
+drops the records *before it* of stage ``S`` with ``step > k``, and is itself not a record.
+A marker is written only when there is something to supersede, so a run resumed exactly at its
+last logged step (a preemption) leaves the file as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
 _RESERVED = ("stage", "step", "time")
+RESUME_STAGE = "resume"  # the stage of resume markers (see the module docstring)
 
 
 def _resolve(path: Path) -> Path:
@@ -82,6 +92,8 @@ class MetricsLogger:
         disabled). ``console=False`` skips the INFO line (the file always gets the record)."""
         if not self.enabled:
             return None
+        if stage == RESUME_STAGE:
+            raise ValueError(f"stage name {RESUME_STAGE!r} is reserved for resume markers")
         clash = [k for k in _RESERVED if k in metrics]
         if clash:
             raise ValueError(f"metric names clash with reserved keys: {clash}")
@@ -97,6 +109,24 @@ class MetricsLogger:
         if console:
             logger.info("%s", self._summary(stage, step, scalars))
         return record
+
+    def resume(self, stage: str, step: int) -> int:
+        """The run resumes ``stage`` from its checkpoint of ``step``: records of ``stage`` after
+        ``step`` (logged by a killed run) are superseded by a marker; returns how many (0 and
+        no marker when none, or when disabled)."""
+        if not self.enabled or self.file is None or not self.file.exists():
+            return 0
+        stale = sum(r["stage"] == stage and r["step"] > step for r in read_metrics(self.file))
+        if stale:
+            if self._handle is None:
+                self._handle = self._open()
+            marker = {"stage": RESUME_STAGE, "step": int(step), "time": time.time(), "resumed_stage": stage,
+                      "superseded": stale}
+            self._handle.write(json.dumps(marker) + "\n")
+            self._handle.flush()
+            logger.info("%s resumes at step %d: %d records logged after it by the killed run are superseded",
+                        stage, step, stale)
+        return stale
 
     def _open(self) -> IO[str]:
         assert self.file is not None
@@ -131,8 +161,10 @@ class MetricsLogger:
         self.close()
 
 
-def read_metrics(path: Path, strict: bool = False) -> list[dict[str, Any]]:
-    """All records of a metrics file (or a directory holding ``metrics.jsonl``), in order.
+def read_metrics(path: Path, strict: bool = False, raw: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics file (or a directory holding ``metrics.jsonl``), in order, with
+    the resume rule applied (see the module docstring): each step of a stage once, as the run
+    that went on to finish logged it. ``raw=True``: every line as written, markers included.
 
     Lines torn by a crash mid-write are skipped with a warning, or raise with ``strict``.
     """
@@ -147,4 +179,16 @@ def read_metrics(path: Path, strict: bool = False) -> list[dict[str, Any]]:
             if strict:
                 raise
             logger.warning("skipping corrupt line %d of %s", lineno, path)
-    return records
+    return records if raw else _apply_resumes(records)
+
+
+def _apply_resumes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop the records each resume marker supersedes, and the markers."""
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("stage") == RESUME_STAGE and "resumed_stage" in record:
+            stage, step = record["resumed_stage"], record["step"]
+            kept = [r for r in kept if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        else:
+            kept.append(record)
+    return kept

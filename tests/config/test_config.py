@@ -391,3 +391,18 @@ def test_reward_settings_are_checked_at_start_up(override, key, words):
 def test_cosine_exceed_length_penalty_is_a_setting():
     cfg = load_config("recipe", ["grpo.rewards[1].kwargs.exceed_length_penalty=-10"])
     assert cfg.grpo.rewards[1].kwargs == {"max_len": 400, "exceed_length_penalty": -10}
+
+
+def test_schema_imports_no_implementation():
+    """The schema is data: it imports only the standard library (no torch, transformers, or the
+    package's model and data code), so loading or validating a config builds nothing."""
+    import ast
+    import sys
+
+    from fastmath_nemo.config import schema
+
+    tree = ast.parse(Path(schema.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported

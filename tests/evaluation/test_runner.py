@@ -90,3 +90,12 @@ def test_rank0_writes_every_ranks_samples(tiny_task, scripted, tmp_path, monkeyp
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted({r["problem_id"] for r in rows}) == list(range(5)) and len(rows) == 5 * N_SAMPLES
     assert all(r["problem"] == records[r["problem_id"]].problem for r in rows)
+
+
+def test_evaluation_does_not_import_the_grpo_loop() -> None:
+    import ast
+
+    tree = ast.parse(Path(runner.__file__).read_text())
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "fastmath_nemo.generation.params" in modules  # sampling_params: shared with the loop
+    assert not any(m and m.startswith("fastmath_nemo.algorithms") for m in modules), modules

@@ -91,3 +91,38 @@ def test_torn_line_is_skipped_and_not_glued(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     with pytest.raises(json.JSONDecodeError):
         read_metrics(path, strict=True)
+
+
+def test_resume_supersedes_the_killed_runs_steps_after_the_checkpoint(tmp_path):
+    """A run killed after logging steps 1-5 (checkpoint at 3) resumes at 3 and logs 4-6 again:
+    readers see steps 1-6 once, 4 and 5 from the resumed run; the killed run's lines stay."""
+    with MetricsLogger(tmp_path, enabled=True) as killed:
+        killed.log("sft", 2, {"loss": 9.0})  # another stage's records are left alone
+        for step in range(1, 6):
+            killed.log("grpo", step, {"reward": float(step)})
+    with MetricsLogger(tmp_path, enabled=True) as resumed:
+        assert resumed.resume("sft", 2) == 0  # nothing of sft after step 2
+        assert resumed.resume("grpo", 3) == 2
+        for step in range(4, 7):
+            resumed.log("grpo", step, {"reward": 10.0 * step})
+    records = read_metrics(tmp_path)
+    assert [(r["stage"], r["step"], r["reward"] if "reward" in r else r["loss"]) for r in records] == [
+        ("sft", 2, 9.0), ("grpo", 1, 1.0), ("grpo", 2, 2.0), ("grpo", 3, 3.0),
+        ("grpo", 4, 40.0), ("grpo", 5, 50.0), ("grpo", 6, 60.0)]
+    raw = read_metrics(tmp_path, raw=True)
+    assert len(raw) == 6 + 1 + 3  # every line as written, one marker
+    (marker,) = [r for r in raw if r["stage"] == "resume"]
+    assert (marker["step"], marker["resumed_stage"], marker["superseded"]) == (3, "grpo", 2)
+    assert raw.index(marker) == 6  # after the killed run's lines, before the resumed run's
+
+
+def test_resume_without_stale_records_writes_no_marker_and_the_stage_name_is_reserved(tmp_path):
+    with MetricsLogger(tmp_path, enabled=True) as ml:
+        assert ml.resume("grpo", 3) == 0  # no file yet
+        ml.log("grpo", 3, {"reward": 1.0})
+        assert ml.resume("grpo", 3) == 0  # a preemption saves the step it logged last
+        with pytest.raises(ValueError, match="reserved"):
+            ml.log("resume", 4, {"x": 1.0})
+    assert [r["step"] for r in read_metrics(tmp_path, raw=True)] == [3]
+    assert MetricsLogger(tmp_path, enabled=False).resume("grpo", 1) == 0  # other ranks never write
+    assert len(read_metrics(tmp_path, raw=True)) == 1
