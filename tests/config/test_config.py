@@ -43,8 +43,8 @@ def test_conf_dir_has_the_expected_files():
     assert {"recipe", "sft", "grpo", "eval", "paper_14b"} <= set(CONF_NAMES)
 
 
-# paper_14b needs its 8 ranks (TP 4 x DP 2) and, under torchrun, vLLM inside multi-rank runs
-# (issue 10): it loads as a plan for 8 ranks (tests/planning/test_run_plan.py runs that plan).
+# paper_14b needs its 8 ranks (TP 4 x DP 2): it loads as a plan for 8 ranks
+# (tests/planning/test_run_plan.py runs that plan).
 NEEDS_OVERRIDES = {"paper_14b": ["run.plan=true", "run.plan_world_size=8"]}
 
 
@@ -280,10 +280,29 @@ def test_bad_vllm_settings_name_their_key(overrides, key, words):
     assert f"'{key}'" in message and words in message
 
 
-def test_vllm_under_torchrun_is_refused(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    message = _raises(["generation.backend=vllm", "grpo.prompts_per_step=16"])
-    assert "'generation.backend'" in message and "torchrun" in message and "issue 10" in message
+@pytest.mark.parametrize(
+    ("world", "overrides", "words"),
+    [("2", ["generation.vllm.tensor_parallel_size=4"], "must divide the world size (2)"),
+     # engines of 3 ranks would straddle the megatron TP groups [0, 1], [2, 3], [4, 5]
+     ("6", ["policy.backend=megatron", "policy.megatron.tensor_parallel_size=2",
+            "generation.vllm.tensor_parallel_size=3"], "must divide one another")],
+)
+def test_vllm_engine_layouts_that_cannot_work_name_the_key(monkeypatch, world, overrides, words):
+    pytest.importorskip("vllm")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    message = _raises(["generation.backend=vllm", "grpo.prompts_per_step=12", *overrides])
+    assert "'generation.vllm.tensor_parallel_size'" in message and words in message
+
+
+def test_vllm_engine_size_defaults_to_the_trainers_tensor_parallel_size():
+    from fastmath_nemo.config.validate import vllm_tensor_parallel_size
+
+    cfg = load_config("recipe", ["policy.megatron.tensor_parallel_size=4"])
+    assert cfg.generation.vllm.tensor_parallel_size is None and vllm_tensor_parallel_size(cfg) == 1  # torch policy
+    cfg.policy.backend = "megatron"
+    assert vllm_tensor_parallel_size(cfg) == 4
+    cfg.generation.vllm.tensor_parallel_size = 2
+    assert vllm_tensor_parallel_size(cfg) == 2
 
 
 def test_model_preset_choices_and_exclusivity():

@@ -50,8 +50,8 @@ def test_paper_plan_prints_the_table_from_config_json_alone(tmp_path: Path, conf
     assert rows["activations (recomputed)"][0] == "3.6"               # 3,840,000,000 bytes at 24,000 tokens
     assert rows["vLLM (0.3 x GPU)"] == ["0.0", "0.0", "24.0"]        # asleep while training; 0.3 x 80 GiB
     assert "peak: " in out and ": fits" in out
-    # the plan names the start-up refusal a torchrun launch meets today
-    assert "runs today: no: config key 'generation.backend'" in out and "issue 10" in out
+    # vLLM under torchrun: one engine of TP 4 per model replica, nothing refused at start-up
+    assert "runs today: yes" in out and "vLLM: 2 engine(s) of TP 4" in out
     assert not run_dir.exists()  # a plan writes nothing
 
 
@@ -70,12 +70,13 @@ def test_plan_without_the_model_folder_uses_the_built_in_architecture() -> None:
     assert "built-in description of DeepSeek-R1-Distill-Qwen-14B" in "\n".join(plan.title)
 
 
-def test_torchrun_launch_with_vllm_is_refused_naming_the_key_and_issue_10(config_only: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchrun_launch_with_vllm_checks_the_engine_layout(config_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "8")
+    pytest.importorskip("vllm")  # a launch (not a plan) needs vLLM installed
+    assert load_config("paper_14b", [f"model.path={config_only}"]).generation.vllm.tensor_parallel_size == 4
     with pytest.raises(ConfigError) as info:
-        load_config("paper_14b", [f"model.path={config_only}"])
-    assert "config key 'generation.backend'" in str(info.value) and "issue 10" in str(info.value)
+        load_config("paper_14b", [f"model.path={config_only}", "generation.vllm.tensor_parallel_size=3"])
+    assert "config key 'generation.vllm.tensor_parallel_size'" in str(info.value) and "world size (8)" in str(info.value)
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
