@@ -6,7 +6,8 @@
   evaluations.
 - In-process: interrupting ``run_sft`` after step k and resuming gives bit-for-bit (<= 1e-6)
   the weights of an uninterrupted run with the same seed (data order, optimizer and
-  scheduler state are all restored).
+  scheduler state are all restored). The same for ``run_grpo`` on the PyTorch backend (sampler
+  refit from the checkpoint, KL reference kept), whose metrics then hold each step once.
 
 Everything is tiny (a 2-layer, 64-wide model, a few dozen problems); the CLI runs use one
 thread so they stay out of the way of other work on the machine.
@@ -151,18 +152,20 @@ def test_sigkill_mid_sft_then_resume_continues_after_last_checkpoint(tmp_path: P
 
     assert AutoTokenizer.from_pretrained(str(last_dir), local_files_only=True).chat_template
 
-    before = read_metrics(run_dir / "metrics.jsonl")
+    before = read_metrics(run_dir / "metrics.jsonl", raw=True)
     assert max(sft_steps(before)) >= last_step
 
     resumed = run_cli(*args, "resume=true")
     assert resumed.returncode == 0, tail(resumed.stderr)
     assert f"resuming SFT from {last_dir} (step {last_step} of {total})" in resumed.stderr
 
-    after = read_metrics(run_dir / "metrics.jsonl")
+    after = read_metrics(run_dir / "metrics.jsonl", raw=True)
     new = after[len(before):]
     assert after[: len(before)] == before, "records written before the kill were altered"
     # Resumed right after the last checkpoint, not at step 1, and ran to the planned total.
     assert sft_steps(new) == list(range(last_step + 1, total + 1))
+    # Readers see each step once: steps the killed run logged after its checkpoint are superseded.
+    assert sft_steps(read_metrics(run_dir / "metrics.jsonl")) == list(range(1, total + 1))
     # The LR schedule continued where it left off: each step's logged lr is the one an
     # uninterrupted schedule (the package's own) gives at that step.
     expected = uninterrupted_lrs(OptimizerConfig(lr=SFT_LR, warmup_ratio=SFT_WARMUP_RATIO), total)
@@ -331,3 +334,62 @@ def test_resume_cleans_up_checkpoint_left_half_deleted_by_a_crash(tmp_path: Path
     assert [s for s, _ in list_checkpoints(stage / "checkpoints")] == [4, 5]
     leftovers = sorted(p.name for p in (stage / "checkpoints").iterdir() if p.name.startswith("."))
     assert leftovers == [], f"a finished, resumed run still holds the crashed run's debris: {leftovers}"
+
+
+# -- in-process GRPO on the PyTorch backend: interrupted + resumed == uninterrupted ---------------------
+def grpo_run(task, stage_dir: Path, *, stop_after: int | None = None, resume: bool = False) -> TorchPolicy:
+    """Four GRPO steps (checkpoint at 2) of the tiny model sampling with its own TorchGenerator
+    (a separate copy of the weights, so only a refit brings it up to date), KL to the initial
+    weights. Rewards: cosine over character lengths, which vary between sampled completions, so
+    advantages are never all 0. ``stop_after=k``: raise in step k + 1."""
+    from fastmath_nemo.config.schema import RewardSpec
+    from fastmath_nemo.generation.torch_generator import TorchGenerator
+    from tests.algorithms._scripted import grpo_config, run
+
+    cfg = grpo_config(steps=4, save_every_steps=2, beta=0.1, length_unit="chars",
+                      rewards=[RewardSpec("cosine", 1.0, {"max_len": 400})])
+    policy = TorchPolicy(task.varied_model(seed=3, std=0.1), torch.device("cpu"))
+    policy.snapshot_reference()  # the stage's initial weights, before any resume loads a checkpoint
+    generator = TorchGenerator(task.varied_model(seed=3, std=0.1), task.pad_id)
+    if stop_after is not None:
+        real_step, calls = policy.train_step, {"n": 0}
+
+        def train_step(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] > stop_after:
+                raise Interrupted
+            return real_step(*a, **kw)
+
+        policy.train_step = train_step  # type: ignore[method-assign]
+        with pytest.raises(Interrupted):
+            run(policy, task.tokenizer, cfg, stage_dir, generator)
+    else:
+        run(policy, task.tokenizer, cfg, stage_dir, generator, resume=resume)
+    return policy
+
+
+def test_resumed_grpo_matches_uninterrupted_run_and_logs_each_step_once(tmp_path: Path, tiny_task) -> None:
+    reference = grpo_run(tiny_task, tmp_path / "reference")
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")}
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert all(r["reward/std"] > 0 and r["kl"] >= 0 for r in expected.values())
+
+    # Killed in step 4: step 3 was logged after the last checkpoint (step 2) and is trained again.
+    stage = tmp_path / "killed"
+    grpo_run(tiny_task, stage, stop_after=3)
+    assert [s for s, _ in list_checkpoints(stage / "checkpoints")] == [2]
+    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl")] == [1, 2, 3]
+    resumed = grpo_run(tiny_task, stage, resume=True)
+
+    raw = read_metrics(stage / "metrics.jsonl", raw=True)
+    assert [(r["stage"], r["step"]) for r in raw] == [("grpo", 1), ("grpo", 2), ("grpo", 3), ("resume", 2),
+                                                      ("grpo", 3), ("grpo", 4)]
+    records = read_metrics(stage / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # each step once, 3 from the resumed run
+    assert records[2]["time"] == raw[4]["time"]
+    for r in records:  # the sampler was refit from the checkpoint, the KL reference is the initial policy
+        for key in ("reward/mean", "completion/mean_tokens", "loss", "kl", "grad_norm"):
+            assert r[key] == pytest.approx(expected[r["step"]][key], rel=1e-5, abs=1e-6), (key, r["step"])
+    ours = dict(resumed.model.named_parameters())
+    worst = max(float((ours[n] - p).detach().abs().max()) for n, p in reference.model.named_parameters())
+    assert worst <= 1e-6, f"resumed GRPO weights differ from the uninterrupted run's by {worst}"
