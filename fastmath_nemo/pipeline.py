@@ -47,7 +47,7 @@ from fastmath_nemo.policy.models import DTYPES, build_tiny_model, load_pretraine
 from fastmath_nemo.policy.presets import preset_model_dir
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
-from fastmath_nemo.utils.metric_sinks import build_sinks
+from fastmath_nemo.utils.metric_sinks import MetricSink, build_sinks
 from fastmath_nemo.utils.metrics_logger import METRICS_FILENAME, MetricsLogger, read_metrics
 from fastmath_nemo.utils.preemption import preemption_requested, raise_preempted
 
@@ -312,7 +312,7 @@ def start_run(cfg: Config) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     logger.info("run directory: %s (device %s)", run_dir, device)
-    sinks = []  # run.loggers beyond metrics.jsonl, rank 0 only; their config as config.yaml has it (no secrets)
+    sinks: list[MetricSink] = []  # run.loggers beyond metrics.jsonl, rank 0 only; their config as config.yaml has it (no secrets)
     if is_rank0():
         written = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)), resolve=False)
         sinks = build_sinks(cfg.run.loggers, run_dir, cfg.run.name, written)  # type: ignore[arg-type]

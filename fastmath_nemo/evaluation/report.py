@@ -1,4 +1,5 @@
-"""Evaluation report: ``report.json`` (all metrics) and ``report.md`` (the paper-style table).
+"""Evaluation report: ``report.json`` (all metrics), ``report.md`` (the paper-style table, the
+GRPO step kept and why) and ``report.png`` (curves and pass@1 against tokens, embedded in it).
 
 ``report.json`` layout::
 
@@ -124,11 +125,29 @@ def format_table(rows: Sequence[RowLike], comparisons: bool = True) -> str:
     return text
 
 
-def write_report(rows: Sequence[RowLike], directory: Path, meta: Mapping[str, Any]) -> None:
-    """Atomically write ``report.json`` and ``report.md`` into ``directory`` (created if needed)."""
+def kept_line(kept: Mapping[str, Any]) -> str:
+    """Which GRPO step the stage output and why (``<grpo dir>/kept.json``)."""
+    return f"GRPO output: step {kept['step']} of {kept['of_steps']}. {kept['reason']}."
+
+
+def write_report(rows: Sequence[RowLike], directory: Path, meta: Mapping[str, Any],
+                 metrics: Sequence[Mapping[str, Any]] | None = None, kept: Mapping[str, Any] | None = None) -> None:
+    """Atomically write ``report.json``, ``report.md`` and, with ``metrics`` (metrics.jsonl's
+    records), ``report.png`` (``evaluation.report_plot``), which report.md embeds, into
+    ``directory`` (created if needed). ``kept``: the GRPO stage's ``kept.json``, reported as
+    ``meta["grpo_kept"]`` and one line of report.md."""
     eval_rows = _as_rows(rows)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"evaluations": [r.to_dict() for r in eval_rows], "meta": dict(meta)}
+    meta = {**meta, **({"grpo_kept": dict(kept)} if kept is not None else {})}
+    payload = {"evaluations": [r.to_dict() for r in eval_rows], "meta": meta}
     atomic_write_json(directory / "report.json", payload)
-    atomic_write_text(directory / "report.md", "# Evaluation report\n\n" + format_table(eval_rows))
+    text = "# Evaluation report\n\n" + format_table(eval_rows)
+    if kept is not None:
+        text += "\n" + kept_line(kept) + "\n"
+    if metrics is not None:
+        from fastmath_nemo.evaluation.report_plot import plot_report  # matplotlib only when drawing
+
+        plot_report(metrics, eval_rows, directory / "report.png", kept["step"] if kept is not None else None)
+        text += "\n![GRPO reward, accuracy and tokens over steps; SFT loss; pass@1 against tokens](report.png)\n"
+    atomic_write_text(directory / "report.md", text)

@@ -27,6 +27,7 @@ from typing import IO, Any
 import torch
 
 from fastmath_nemo.utils.distributed import is_rank0
+from fastmath_nemo.utils.metric_sinks import MetricSink
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class MetricsLogger:
                   the summary line only
     enabled:      defaults to ``is_rank0()`` so only rank 0 writes and logs
     summary_keys: metrics shown in the INFO line (those present); default: the first six
+    sinks:        more destinations of every record (``utils.metric_sinks``: TensorBoard, wandb)
     """
 
     def __init__(
@@ -79,11 +81,13 @@ class MetricsLogger:
         path: Path | None,
         enabled: bool | None = None,
         summary_keys: Sequence[str] | None = None,
+        sinks: Sequence[MetricSink] = (),
     ) -> None:
         self.enabled = is_rank0() if enabled is None else enabled
         self.file: Path | None = _resolve(path) if path is not None else None
         self.summary_keys = tuple(summary_keys) if summary_keys is not None else None
         self._handle: IO[str] | None = None
+        self.sinks = list(sinks)
 
     def log(
         self, stage: str, step: int, metrics: Mapping[str, Any], console: bool = True
@@ -106,6 +110,8 @@ class MetricsLogger:
                 self._handle = self._open()
             self._handle.write(line + "\n")
             self._handle.flush()
+        for sink in self.sinks:
+            sink.write(stage, step, scalars)
         if console:
             logger.info("%s", self._summary(stage, step, scalars))
         return record
@@ -150,6 +156,9 @@ class MetricsLogger:
         return f"{stage} step {step}" + (f" | {parts}" if parts else "")
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._handle is not None:
             self._handle.close()
             self._handle = None
