@@ -33,6 +33,7 @@ from fastmath_nemo.utils.metrics_logger import MetricsLogger
 
 logger = logging.getLogger(__name__)
 KEPT_FILE = "kept.json"  # <stage dir>/kept.json: the step kept, why, and every held-out evaluation
+HELDOUT_STAGE = "grpo_heldout"  # metrics.jsonl stage of the held-out evaluations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,7 @@ class CheckpointChoice:
     def restore(self, state: dict[str, Any], checkpoint: Path) -> None:
         """The evaluations recorded in a resumed ``checkpoint``'s loop state (:meth:`state`)."""
         self.history = [HeldoutResult.from_dict(d) for d in state.get("heldout", [])]
+        self.metrics.resume(HELDOUT_STAGE, int(state["step"]))  # a killed run's later evaluations are redone
         if self.evaluate is not None and not self.history:
             raise ValueError(f"{checkpoint}: no held-out evaluation of the GRPO start (step 0) in this checkpoint "
                              "(written with grpo.eval_every_steps=0), which grpo.eval_every_steps > 0 compares "
@@ -115,7 +117,7 @@ class CheckpointChoice:
         result = broadcast_object(HeldoutResult(step, float(summary["pass@1"]), float(summary["mean_output_tokens"])))
         assert isinstance(result, HeldoutResult)
         self.history.append(result)
-        self.metrics.log("grpo_heldout", step, {"heldout/pass@1": result.pass_at_1,
+        self.metrics.log(HELDOUT_STAGE, step, {"heldout/pass@1": result.pass_at_1,
                                                 "heldout/mean_tokens": result.mean_tokens})
         if self.cfg.keep == "best" and step < self.cfg.steps and self._kept() == step:
             self.checkpoints.save_as(policy, self.candidates / f"step_{step}", {"step": step})

@@ -62,16 +62,27 @@ FIGURES = {0: (0.90, 100.0), 2: (0.89, 60.0), 4: (0.50, 30.0)}
 class ScriptedEvaluation:
     """``evaluate_heldout``: reports FIGURES[step] and snapshots the policy's weights then."""
 
-    def __init__(self, policy: TorchPolicy, crash_at: int | None = None) -> None:
-        self.policy, self.crash_at = policy, crash_at
+    def __init__(self, policy: TorchPolicy) -> None:
+        self.policy = policy
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def __call__(self, step: int) -> dict[str, float]:
-        if step == self.crash_at:
-            raise KeyboardInterrupt(f"killed at step {step}")
         self.weights[step] = {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
         pass_at_1, tokens = FIGURES[step]
         return {"pass@1": pass_at_1, "mean_output_tokens": tokens}
+
+
+class KilledAtCheckpoint(CheckpointManager):
+    """The run is killed while writing the checkpoint of ``step`` (after that step's evaluation)."""
+
+    def __init__(self, *args, step: int | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_step = step
+
+    def save(self, policy, step, state):
+        if step == self.kill_step:
+            raise KeyboardInterrupt(f"killed while saving step {step}")
+        return super().save(policy, step, state)
 
 
 def grpo_cfg(**overrides) -> GRPOConfig:
@@ -83,11 +94,11 @@ def grpo_cfg(**overrides) -> GRPOConfig:
     return GRPOConfig(**settings)
 
 
-def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, crash_at: int | None = None):
+def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, kill_at: int | None = None):
     policy = TorchPolicy(task.varied_model(seed=3, std=0.1), torch.device("cpu"), temperature=1.0)
     generator = TorchGenerator(policy.model, task.pad_id, max_rows=8)
-    evaluation = ScriptedEvaluation(policy, crash_at)
-    checkpoints = CheckpointManager(stage_dir, task.tokenizer, cfg.keep_last_checkpoints)
+    evaluation = ScriptedEvaluation(policy)
+    checkpoints = KilledAtCheckpoint(stage_dir, task.tokenizer, cfg.keep_last_checkpoints, step=kill_at)
     with MetricsLogger(stage_dir / "metrics.jsonl", enabled=True) as metrics:
         final = run_grpo(policy, generator, task.tokenizer, task.train[:4], cfg, GenerationConfig(max_tokens=12),
                          SYSTEM_PROMPT, checkpoints, metrics, seed=3, micro_batch_rows=8, resume=resume,
@@ -129,12 +140,16 @@ def test_keep_last_outputs_the_last_weights(tiny_task, one_thread, tmp_path):
 
 def test_resume_keeps_the_step_chosen_before_the_kill(tiny_task, one_thread, tmp_path):
     stage = tmp_path / "grpo"
-    with pytest.raises(KeyboardInterrupt):  # killed at step 4's evaluation, after the step-3 checkpoint
-        run(tiny_task, grpo_cfg(save_every_steps=3), stage, crash_at=4)
-    # the checkpoint recorded evaluations 0 and 2; only the best so far (2) is still kept
-    assert [p.name for p in (stage / "candidates").iterdir()] == ["step_2"]
-    step2 = weights_of(stage / "candidates" / "step_2")
-    final, evaluation, _ = run(tiny_task, grpo_cfg(save_every_steps=3), stage, resume=True)
-    assert sorted(evaluation.weights) == [4]  # 0 and 2 came from the checkpoint
-    assert_same_weights(final, step2)
+    with pytest.raises(KeyboardInterrupt):  # killed saving step 2, after its evaluation: resumes at 1
+        run(tiny_task, grpo_cfg(save_every_steps=1), stage, kill_at=2)
+    # step 1's checkpoint recorded the evaluation of step 0, the best then; step 2's came after
+    assert sorted(p.name for p in (stage / "candidates").iterdir()) == ["step_0", "step_2"]
+    final, evaluation, _ = run(tiny_task, grpo_cfg(save_every_steps=1), stage, resume=True)
+    assert sorted(evaluation.weights) == [2, 4]  # 0 came from the checkpoint
+    assert_same_weights(final, evaluation.weights[2])
     assert json.loads((stage / KEPT_FILE).read_text())["step"] == 2
+    # each evaluation once in the metrics: the killed run's step 2 is superseded
+    logged = [r for r in read_metrics(stage / "metrics.jsonl") if r["stage"] == "grpo_heldout"]
+    assert [r["step"] for r in logged] == [0, 2, 4]
+    raw = [r for r in read_metrics(stage / "metrics.jsonl", raw=True) if r["stage"] == "grpo_heldout"]
+    assert [r["step"] for r in raw] == [0, 2, 2, 4]
