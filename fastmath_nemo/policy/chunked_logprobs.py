@@ -157,12 +157,3 @@ def chunked_token_logprobs(
         hidden, weight, targets.long(), float(temperature), int(chunk_tokens), _matmul_dtype(hidden, weight)
     )
     return out
-
-
-def full_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0
-) -> torch.Tensor:
-    """The unchunked reference: the whole ``[N, V]`` logits at once (shapes as above)."""
-    logits = torch.nn.functional.linear(hidden, weight)
-    logits = logits.to(torch.promote_types(torch.float32, logits.dtype)) / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None].long()).squeeze(-1)

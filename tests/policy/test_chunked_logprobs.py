@@ -9,12 +9,22 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fastmath_nemo.data.packing import pack_examples
-from fastmath_nemo.policy.chunked_logprobs import chunked_token_logprobs, full_token_logprobs
+from fastmath_nemo.policy.chunked_logprobs import chunked_token_logprobs
 from fastmath_nemo.policy.document_attention import document_marker, enable_per_document_attention
 from fastmath_nemo.policy.hf_logprobs import TokenLogprobs
 from tests.policy._largest_tensor import LargestTensor
 
 N, H, V = 37, 16, 50
+
+
+def full_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """The unchunked reference: the whole ``[N, V]`` logits at once (hidden [N, H], weight [V, H],
+    targets [N] -> [N])."""
+    logits = torch.nn.functional.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(torch.float32, logits.dtype)) / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None].long()).squeeze(-1)
 
 
 def _inputs(seed: int = 0, dtype: torch.dtype = torch.float32):
