@@ -175,13 +175,13 @@ class TorchPolicy:
         if self.optimizer is None or self.scheduler is None:
             raise RuntimeError("call setup_optimizer() before train_step()")
         self.model.train()
-        ddp = isinstance(self._train_module, torch.nn.parallel.DistributedDataParallel)
+        ddp = self._train_module if isinstance(self._train_module, torch.nn.parallel.DistributedDataParallel) else None
         # DDP divides the all-reduced gradient by the world size; the shares must add up instead.
-        scale = float(world_size()) if ddp else 1.0
+        scale = float(world_size()) if ddp is not None else 1.0
         per_micro: list[dict[str, torch.Tensor]] = []
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            with self._train_module.no_sync() if ddp and not last else contextlib.nullcontext():  # type: ignore[operator]
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                 micro = micro.to(self.device)
                 loss, metrics = loss_fn(self._forward_logprobs(micro, self._train_module), micro)
                 # Backward even through a non-finite loss: every rank must reach the all-reduce;
