@@ -46,16 +46,29 @@ def grpo_config(steps: int, prompts_per_step: int) -> GRPOConfig:
                       optimizer=OptimizerConfig(lr=1e-2, warmup_ratio=0.0))
 
 
+def _record(prompt_ids, out) -> dict:
+    return {"prompts": prompt_ids, "prompt_index": out.prompt_index, "token_ids": out.token_ids,
+            "logprobs": out.logprobs, "finish_reasons": out.finish_reasons}
+
+
 class Recording:
-    """The engine, with every generate call's prompts and rollouts kept for the test."""
+    """The engine, with every generate call's prompts and rollouts kept for the test: what this
+    rank received (``calls``) and what its own engine generated (``engine_calls``)."""
 
     def __init__(self, engine: VLLMGenerator) -> None:
-        self.engine, self.calls = engine, []
+        self.engine, self.calls, self.engine_calls = engine, [], []
+        engine_generate = engine._generate
+
+        def recorded(prompt_ids, params, keys, progress):
+            out = engine_generate(prompt_ids, params, keys, progress)
+            self.engine_calls.append(_record(prompt_ids, out))
+            return out
+
+        engine._generate = recorded
 
     def generate(self, prompt_ids, params, progress=None):
         out = self.engine.generate(prompt_ids, params, progress)
-        self.calls.append({"prompts": prompt_ids, "prompt_index": out.prompt_index, "token_ids": out.token_ids,
-                           "logprobs": out.logprobs, "finish_reasons": out.finish_reasons})
+        self.calls.append(_record(prompt_ids, out))
         return out
 
     def __getattr__(self, name):
@@ -98,7 +111,8 @@ def main() -> None:
     total = torch.tensor([rank() + 1.0])
     dist.all_reduce(total)
     result = {"rank": rank(), "dp_rank": data_parallel_rank(), "engine": engine.groups.engine,
-              "rng_unchanged": rng_unchanged, "all_reduce_after_close": total.item(), "calls": recording.calls}
+              "rng_unchanged": rng_unchanged, "all_reduce_after_close": total.item(), "calls": recording.calls,
+              "engine_calls": recording.engine_calls}
     (out / f"rank{rank()}.json").write_text(json.dumps(result))
 
 

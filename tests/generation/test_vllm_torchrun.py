@@ -89,7 +89,9 @@ def _check_engine_matches_trainer(steps: list[dict]) -> None:
     assert any(m["grad_norm"] > 0 for m in steps[:-1]), "no update before the last step: the refit went untested"
 
 
+@pytest.mark.megatron
 def test_megatron_tp2_with_one_tp2_engine(setup, tmp_path):
+    pytest.importorskip("megatron.core")
     ranks = _torchrun(setup, tmp_path / "out", 2, backend="megatron", tp=2, engine_tp=2, prompts_per_step=2)
     _check_engine_matches_trainer(_metrics(tmp_path / "out"))
     for r in ranks:
@@ -97,3 +99,89 @@ def test_megatron_tp2_with_one_tp2_engine(setup, tmp_path):
         assert r["all_reduce_after_close"] == 1.0 + 2.0
     # both ranks of the engine (one model replica) train on the same rollouts
     assert ranks[0]["calls"] == ranks[1]["calls"] and len(ranks[0]["calls"]) == 2
+
+
+class Replay:
+    """The recorded engines' rollouts, served again to a single-process GRPO run (by prompt)."""
+
+    def __init__(self, ranks: list[dict]) -> None:
+        self.rows: dict[tuple[int, ...], list[tuple]] = {}
+        for call in (c for r in ranks if r["rank"] == r["engine"] * r["engine_tp"] for c in r["calls"]):
+            for p, tokens, logprobs, reason in zip(call["prompt_index"], call["token_ids"], call["logprobs"],
+                                                   call["finish_reasons"]):
+                self.rows.setdefault(tuple(call["prompts"][p]), []).append((tokens, logprobs, reason))
+
+    def generate(self, prompt_ids, params, progress=None):
+        from fastmath_nemo.generation.base import Rollouts
+
+        out = Rollouts()
+        for p, ids in enumerate(prompt_ids):
+            rows = [self.rows[tuple(ids)].pop(0) for _ in range(params.n)]
+            for tokens, logprobs, reason in rows:
+                out.prompt_index.append(p)
+                out.token_ids.append(tokens)
+                out.logprobs.append(logprobs)
+                out.finish_reasons.append(reason)
+        return out
+
+    def update_weights(self, weights) -> None:
+        for _ in weights:  # the recorded rollouts already came from the refit engines
+            pass
+
+    def wake(self) -> None: ...
+
+    def sleep(self) -> None: ...
+
+
+def _single_process_steps(setup, ranks: list[dict], prompts_per_step: int, tmp_path: Path) -> list[dict]:
+    """GRPO in this process (the torch policy, one rank) on the multi-rank run's rollouts."""
+    from transformers import AutoTokenizer
+
+    from fastmath_nemo.algorithms.grpo import run_grpo
+    from fastmath_nemo.checkpoint.manager import CheckpointManager
+    from fastmath_nemo.data.records import MathRecord
+    from fastmath_nemo.policy.models import load_pretrained
+    from fastmath_nemo.policy.torch_policy import TorchPolicy
+    from fastmath_nemo.utils.metrics_logger import MetricsLogger
+
+    folder, records, _ = setup
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    policy = TorchPolicy(load_pretrained(folder), torch.device("cpu"))
+    metrics = MetricsLogger(tmp_path / "single.jsonl", enabled=True)
+    run_grpo(policy, Replay(ranks), tokenizer, [MathRecord(**r) for r in json.loads(records.read_text())],
+             worker.grpo_config(2, prompts_per_step), worker.GEN, worker.SYSTEM_PROMPT,
+             CheckpointManager(tmp_path / "single", tokenizer), metrics, seed=0, micro_batch_rows=4)
+    metrics.close()
+    return [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
+
+
+def _check_shares_and_losses(setup, ranks: list[dict], engine_tp: int, tmp_path: Path) -> None:
+    """Each engine generated exactly its own data-parallel share (engine e = replica e here),
+    the ranks of an engine agree, and training on the rollouts matches one process."""
+    engines = len(ranks) // engine_tp
+    for r in ranks:
+        r["engine_tp"] = engine_tp
+        assert r["engine"] == r["rank"] // engine_tp and r["dp_rank"] == r["engine"], r["rank"]
+        assert [c["prompts"] for c in r["engine_calls"]] == [c["prompts"] for c in r["calls"]]
+        peer = ranks[r["engine"] * engine_tp]
+        assert r["engine_calls"] == peer["engine_calls"] and r["calls"] == peer["calls"]
+    shares = [ranks[e * engine_tp]["calls"][0]["prompts"] for e in range(engines)]
+    assert all(shares[e] != shares[0] for e in range(1, engines))
+    multi = _metrics(tmp_path / "out")
+    _check_engine_matches_trainer(multi)
+    single = _single_process_steps(setup, ranks, 2 * engines, tmp_path)
+    for got, want in zip(multi, single, strict=True):
+        for key in ("loss", "grad_norm", "reward/mean"):
+            assert abs(got[key] - want[key]) <= 1e-5, (key, got[key], want[key])
+
+
+@pytest.mark.megatron
+def test_megatron_tp2_dp2_two_engines_share_the_work(setup, tmp_path):
+    pytest.importorskip("megatron.core")
+    ranks = _torchrun(setup, tmp_path / "out", 4, backend="megatron", tp=2, engine_tp=2, prompts_per_step=4)
+    _check_shares_and_losses(setup, ranks, 2, tmp_path)
+
+
+def test_torch_policy_dp2_with_one_engine_per_rank(setup, tmp_path):
+    ranks = _torchrun(setup, tmp_path / "out", 2, backend="torch", tp=1, engine_tp=1, prompts_per_step=4)
+    _check_shares_and_losses(setup, ranks, 1, tmp_path)
