@@ -1,8 +1,9 @@
 """A batched KV-cache sampler over a transformers causal LM (the PyTorch Generator).
 
 It shares the policy's module (colocated, no copy), so ``update_weights`` only copies
-tensors when it was given a different model. Rows that finish are dropped from the
-batch and the KV cache as they go, so long-tailed lengths do not cost full-batch steps.
+tensors when it was given a different model. A prompt's ``n`` samples share one prefill (its
+KV cache rows are copied ``n`` times), and rows that finish are dropped from the batch and
+the KV cache as they go, so long-tailed lengths do not cost full-batch steps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from fastmath_nemo.generation.base import Rollouts, SamplingParams
-from fastmath_nemo.generation.sampling import ends_with_any, filter_top_p_min_p
+from fastmath_nemo.generation.sampling import ends_with_any, sample_top_p_min_p
 
 logger = logging.getLogger(__name__)
 
@@ -63,21 +64,31 @@ class TorchGenerator:
         self, prompts: list[list[int]], params: SamplingParams, rng: torch.Generator, bar: tqdm
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         device, n = self.device, len(prompts)
-        width = max(len(p) for p in prompts)
+        # The n samples of a prompt are consecutive rows: prefill each distinct prompt once.
+        unique: list[list[int]] = []
+        source: list[int] = []  # row -> its prompt's index in unique
+        for p in prompts:
+            if not unique or unique[-1] != p:
+                unique.append(p)
+            source.append(len(unique) - 1)
+        width = max(len(p) for p in unique)
         # Left padding keeps every row's next token in the last column.
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=device)
-        attention = torch.zeros((n, width), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
+        input_ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long, device=device)
+        attention = torch.zeros((len(unique), width), dtype=torch.long, device=device)
+        for i, p in enumerate(unique):
             input_ids[i, width - len(p) :] = torch.tensor(p, device=device)
             attention[i, width - len(p) :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         # Only the last position's logits are sampled from: logits_to_keep=1 makes the prefill
-        # hold [n, 1, V] instead of [n, width, V] (width x V x 4 bytes per row at fp32).
+        # hold [U, 1, V] instead of [U, width, V] (width x V x 4 bytes per row at fp32).
         logits = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
             use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
+        rows = torch.tensor(source, device=device)
+        cache.batch_select_indices(rows)  # [U, ...] -> [n, ...]: each sample its own copy
+        logits, attention, positions = logits[rows], attention[rows], positions[rows]
 
         out_tokens: list[list[int]] = [[] for _ in range(n)]
         out_logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -129,8 +140,7 @@ class TorchGenerator:
             token = logprobs.argmax(dim=-1)
             return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
         logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
-        probs = filter_top_p_min_p(logprobs.exp(), params.top_p, params.min_p)
-        token = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+        token = sample_top_p_min_p(logprobs.exp(), params.top_p, params.min_p, rng)
         return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -262,10 +262,11 @@ def test_prefill_keeps_only_the_last_logits_and_samples_the_same(model, prompts,
     a = _sample(TorchGenerator(last_only, tiny_task.pad_id), prompts, seed=5)
     b = _sample(TorchGenerator(full, tiny_task.pad_id), prompts, seed=5)
     vocab = model.config.vocab_size
-    rows, width = 2 * len(prompts), max(len(p) for p in prompts)
-    assert last_only.shapes[0] == (rows, 1, vocab)  # prefill: one position per row
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    assert last_only.shapes[0] == (rows, 1, vocab)  # prefill: one position per prompt (n = 2 share it)
+    assert last_only.shapes[1] == (2 * rows, 1, vocab)  # then a row per sample
     assert full.shapes[0] == (rows, width, vocab)  # guards the comparison: the old prefill
     assert a.token_ids == b.token_ids
     assert len({tuple(t) for t in a.token_ids}) > 1  # sampled, not one constant completion
-    for x, y in zip(a.logprobs, b.logprobs):
-        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-6, rtol=0)
+    for x, y in zip(a.logprobs, b.logprobs):  # fp32 rounding of different matmul shapes (1.2e-6 seen)
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
