@@ -235,6 +235,20 @@ def sft_task():
     torch.set_num_threads(threads)
 
 
+def interrupt_after(policy: TorchPolicy, k: int) -> None:
+    """Make ``policy.train_step`` raise ``Interrupted`` from its (k + 1)-th call on."""
+    calls = {"n": 0}
+    real_step = policy.train_step
+
+    def train_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] > k:
+            raise Interrupted
+        return real_step(*a, **kw)
+
+    policy.train_step = train_step  # type: ignore[method-assign]
+
+
 def sft_cfg(packing: bool) -> SFTConfig:
     return SFTConfig(
         epochs=2, rows_per_step=4 if packing else 8, max_seq_len=512, packing=packing, save_every_steps=1,
@@ -250,16 +264,7 @@ def train(stage_dir: Path, tokenizer, data, cfg: SFTConfig, *, stop_after: int |
     torch.manual_seed(0)
     policy = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=11), torch.device("cpu"))
     if stop_after is not None:
-        calls = {"n": 0}
-        real_step = policy.train_step
-
-        def train_step(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] > stop_after:
-                raise Interrupted
-            return real_step(*a, **kw)
-
-        policy.train_step = train_step  # type: ignore[method-assign]
+        interrupt_after(policy, stop_after)
     metrics_path = stage_dir / "metrics.jsonl"
     n_before = len(read_metrics(metrics_path)) if metrics_path.exists() else 0
     checkpoints = CheckpointManager(stage_dir, tokenizer, cfg.keep_last_checkpoints)
@@ -352,15 +357,7 @@ def grpo_run(task, stage_dir: Path, *, stop_after: int | None = None, resume: bo
     policy.snapshot_reference()  # the stage's initial weights, before any resume loads a checkpoint
     generator = TorchGenerator(task.varied_model(seed=3, std=0.1), task.pad_id)
     if stop_after is not None:
-        real_step, calls = policy.train_step, {"n": 0}
-
-        def train_step(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] > stop_after:
-                raise Interrupted
-            return real_step(*a, **kw)
-
-        policy.train_step = train_step  # type: ignore[method-assign]
+        interrupt_after(policy, stop_after)
         with pytest.raises(Interrupted):
             run(policy, task.tokenizer, cfg, stage_dir, generator)
     else:
