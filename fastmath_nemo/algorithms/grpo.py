@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.advantages import group_advantages
 from fastmath_nemo.algorithms.checkpoint_choice import CheckpointChoice
-from fastmath_nemo.algorithms.losses import GRPOLossConfig, LossAggregation, grpo_loss, masked_mean
+from fastmath_nemo.algorithms.losses import GRPOLossConfig, LossAggregation, grpo_loss, masked_sum
 from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals
 from fastmath_nemo.batch import Batch, batch_from_sequences
 from fastmath_nemo.checkpoint.manager import CheckpointManager
@@ -40,7 +40,7 @@ from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
 from fastmath_nemo.rewards.verify import verify_many
-from fastmath_nemo.utils.distributed import all_gather_objects, is_rank0, shard
+from fastmath_nemo.utils.distributed import all_gather_objects, all_reduce_data_parallel, is_rank0, shard
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 from fastmath_nemo.utils.preemption import preemption_requested, stop_for_preemption
 
@@ -226,12 +226,16 @@ def needs_old_logprobs(cfg: GRPOConfig, log_mismatch: bool) -> bool:
     return cfg.updates_per_batch > 1 or cfg.tis_cap is not None or log_mismatch
 
 
-def logprob_mismatch(trainer_logprobs: torch.Tensor, batch: Batch) -> dict[str, float]:
-    """|generator - trainer| logprobs over generated tokens (train/rollout numerics mismatch)."""
+def logprob_mismatch(trainer_logprobs: torch.Tensor, batch: Batch,
+                     reduce: Callable[..., torch.Tensor] = all_reduce_data_parallel) -> dict[str, float]:
+    """|generator - trainer| logprobs over generated tokens (train/rollout numerics mismatch),
+    over every data-parallel rank's rows: ``reduce(tensor, op)`` sums (or maxes) over ranks."""
     assert batch.rollout_logprobs is not None
     diff = (trainer_logprobs - batch.rollout_logprobs).abs()
     mask = batch.loss_mask
+    largest = reduce(torch.where(mask > 0, diff, torch.zeros_like(diff)).max().reshape(1), op="max")
+    total, count = reduce(torch.stack([masked_sum(diff, mask), mask.float().sum()]), op="sum").tolist()
     return {
-        "rollout/logprob_diff_max": float(torch.where(mask > 0, diff, torch.zeros_like(diff)).max()),
-        "rollout/logprob_diff_mean": float(masked_mean(diff, mask)),
+        "rollout/logprob_diff_max": float(largest[0]),
+        "rollout/logprob_diff_mean": total / max(count, 1.0),
     }

@@ -163,3 +163,36 @@ def test_rollout_metrics_describe_every_data_parallel_rank(tiny_task) -> None:
     assert step["completion/mean_tokens"] == (n_right + n_wrong) / 2
     assert (step["completion/min_tokens"], step["completion/max_tokens"]) == (n_wrong, n_right)
     assert step["completion/truncated_share"] == 0.5
+
+
+def test_logprob_mismatch_describes_every_data_parallel_rank() -> None:
+    """Rank 0's mismatch metric is over all ranks' tokens: two ranks' halves of a batch, joined by
+    an injected reduce (as all_reduce_data_parallel), give the whole batch's max and mean."""
+    from fastmath_nemo.algorithms.grpo import logprob_mismatch
+    from fastmath_nemo.batch import batch_from_sequences
+
+    seqs = [[5, 6, 7, 8], [5, 6, 9], [5, 7, 7, 7], [5, 8]]
+    batch = batch_from_sequences(seqs, [[0, 1, 1, 1], [0, 1, 1], [0, 0, 1, 1], [0, 1]], pad_id=0)
+    rollout = torch.tensor([[0.0, -1.0, -2.0, -3.0], [0.0, -1.0, -1.0, 0.0],
+                            [0.0, 0.0, -1.0, -1.0], [0.0, -2.0, 0.0, 0.0]])
+    batch = batch.with_fields(rollout_logprobs=rollout)
+    trainer = rollout + torch.tensor([[9.0, 0.1, 0.2, 0.3], [9.0, 0.0, 0.1, 9.0],
+                                      [9.0, 9.0, 0.5, 0.1], [9.0, 0.4, 9.0, 9.0]])  # 9: not a target
+    whole = logprob_mismatch(trainer, batch, reduce=lambda t, op: t)
+    # diffs on targets: 0.1 0.2 0.3 | 0.0 0.1 | 0.5 0.1 | 0.4 -> max 0.5, mean 1.7 / 8
+    assert whole["rollout/logprob_diff_max"] == pytest.approx(0.5)
+    assert whole["rollout/logprob_diff_mean"] == pytest.approx(1.7 / 8)
+
+    halves = [slice(0, 2), slice(2, 4)]
+    sent: dict[str, torch.Tensor] = {}  # what rank 1 contributes to each reduction
+
+    def capture(tensor, op):
+        sent[op] = tensor
+        return tensor
+
+    logprob_mismatch(trainer[halves[1]], batch.select(halves[1]), reduce=capture)
+    rank0 = logprob_mismatch(trainer[halves[0]], batch.select(halves[0]),
+                             reduce=lambda t, op: t + sent[op] if op == "sum" else torch.maximum(t, sent[op]))
+    alone = logprob_mismatch(trainer[halves[0]], batch.select(halves[0]), reduce=lambda t, op: t)
+    assert alone["rollout/logprob_diff_max"] == pytest.approx(0.3)  # rank 0's share differs ...
+    assert rank0 == pytest.approx(whole)  # ... the reduced one is the whole step's
