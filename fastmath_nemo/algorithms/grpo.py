@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -64,7 +64,8 @@ def score_rollouts(
     texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
     row_golds = [golds[p] for p in rollouts.prompt_index]
     correct = verify_many(texts, row_golds, cfg.verify_timeout_s)
-    lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], cfg.length_unit)
+    unit = cast(Literal["tokens", "chars"], cfg.length_unit)  # a valid choice: config/validate.py checked it
+    lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], unit)
     specs = [(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
     total, per_reward = compute_rewards(
         specs, texts, row_golds, lengths, rollouts.prompt_index, correct=correct, timeout_s=cfg.verify_timeout_s,

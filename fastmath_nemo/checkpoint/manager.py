@@ -45,6 +45,7 @@ class CheckpointManager:
                 policy.save(Path(str(broadcast_object(str(tmp)))), extra_state=state)
                 barrier()
             if is_rank0():
+                assert tmp is not None  # rank 0 holds the atomic directory
                 if not collective:
                     policy.save(tmp, extra_state=state)
                 self.tokenizer.save_pretrained(str(tmp))
