@@ -127,23 +127,28 @@ def layer_to_mcore(
 
 def layer_to_hf(shards: list[Mapping[str, Tensor]], layer: int, hf_config: Any) -> dict[str, Tensor]:
     """All TP ranks' layer-relative tensors (rank order) -> HF tensors of global layer ``layer``."""
-    hf = f"model.layers.{layer}."
-    first = shards[0]
     out: dict[str, Tensor] = {}
-    for name, hf_name in _LAYER_NORMS.items():
-        if name in first:
-            out[hf + hf_name] = first[name]
-    q, k, v = _split_qkv([s[_QKV_W] for s in shards], hf_config)
-    out.update({f"{hf}self_attn.{p}_proj.weight": t for p, t in zip("qkv", (q, k, v))})
-    if _QKV_B in first:
-        q, k, v = _split_qkv([s[_QKV_B] for s in shards], hf_config)
-        out.update({f"{hf}self_attn.{p}_proj.bias": t for p, t in zip("qkv", (q, k, v))})
-    for name, hf_name in _ROW_PARALLEL.items():
-        out[hf + hf_name] = torch.cat([s[name] for s in shards], dim=1)
-    halves = [s[_FC1].chunk(2, dim=0) for s in shards]
-    out[f"{hf}mlp.gate_proj.weight"] = torch.cat([g for g, _ in halves], dim=0)
-    out[f"{hf}mlp.up_proj.weight"] = torch.cat([u for _, u in halves], dim=0)
+    for name in shards[0]:
+        out.update(layer_tensor_to_hf(name, [s[name] for s in shards], layer, hf_config))
     return out
+
+
+def layer_tensor_to_hf(name: str, shards: list[Tensor], layer: int, hf_config: Any) -> dict[str, Tensor]:
+    """One layer-relative megatron tensor from all TP ranks (rank order) -> its HF tensors:
+    fused QKV -> q/k/v, fc1 -> gate/up, row-parallel shards concatenated, norms as they are."""
+    hf = f"model.layers.{layer}."
+    if name in _LAYER_NORMS:
+        return {hf + _LAYER_NORMS[name]: shards[0]}
+    if name in (_QKV_W, _QKV_B):
+        kind = "weight" if name == _QKV_W else "bias"
+        return {f"{hf}self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", _split_qkv(shards, hf_config))}
+    if name in _ROW_PARALLEL:
+        return {hf + _ROW_PARALLEL[name]: torch.cat(shards, dim=1)}
+    if name == _FC1:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return {f"{hf}mlp.gate_proj.weight": torch.cat([g for g, _ in halves], dim=0),
+                f"{hf}mlp.up_proj.weight": torch.cat([u for _, u in halves], dim=0)}
+    raise KeyError(f"no Hugging Face name for the megatron layer tensor {name!r}")
 
 
 def hf_to_mcore(
@@ -269,11 +274,13 @@ def _local_tensors(module: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def gather_hf_weights(model: torch.nn.Module, hf_config: Any) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(hf_name, full tensor)`` on every rank, one unit (embedding, layer, head) at a time.
+    """Yield ``(hf_name, full tensor)`` on every rank, one megatron tensor at a time (the
+    embedding; each layer's norms, fused QKV, projections, fused gate/up; the head).
 
     A collective: every rank of the TP x PP grid must iterate it to the end, in step. The owning
-    stage all-gathers its TP shards and converts them; the tensors are then broadcast over the
-    pipeline group, so at most one layer's full tensors are alive at a time. Tied models yield
+    stage all-gathers one tensor's TP shards and converts it (unfusing QKV and gate/up); the HF
+    tensors are then broadcast over the pipeline group, so beyond what the consumer keeps
+    (vLLM's refit: one bucket) only one full tensor is alive at a time. Tied models yield
     ``model.embed_tokens.weight`` only. Without TP/PP the tensors may be views of the model's
     parameters: copy before modifying them.
     """
@@ -294,8 +301,9 @@ def gather_hf_weights(model: torch.nn.Module, hf_config: Any) -> Iterator[tuple[
         full = torch.cat([s["embedding.word_embeddings.weight"] for s in shards])
         return {"model.embed_tokens.weight": full[:vocab]}
 
-    def decoder_layer(layer: int, local: int) -> dict[str, Tensor]:
-        return layer_to_hf(_tp_gather(_local_tensors(model.decoder.layers[local])), layer, hf_config)
+    def decoder_tensor(layer: int, local: int, key: str) -> dict[str, Tensor]:
+        shards = _tp_gather({key: _local_tensors(model.decoder.layers[local])[key]})
+        return layer_tensor_to_hf(key, [s[key] for s in shards], layer, hf_config)
 
     def head() -> dict[str, Tensor]:
         out = {"model.norm.weight": _local_tensors(model.decoder.final_layernorm)["weight"]}
@@ -305,7 +313,9 @@ def gather_hf_weights(model: torch.nn.Module, hf_config: Any) -> Iterator[tuple[
         return out
 
     yield from unit(0, embedding).items()
+    keys = list(_local_tensors(model.decoder.layers[0]))  # every layer's (and every stage's) keys
     for layer in range(hf_config.num_hidden_layers):
         owner, local = divmod(layer, per_stage)
-        yield from unit(owner, functools.partial(decoder_layer, layer, local)).items()
+        for key in keys:
+            yield from unit(owner, functools.partial(decoder_tensor, layer, local, key)).items()
     yield from unit(pp_size - 1, head).items()
