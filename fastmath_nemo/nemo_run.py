@@ -1,6 +1,6 @@
 """NeMo-Run recipes, executors and a preemption plugin for the stages of ``launch/run.py``.
 
-Recipes (``sft``, ``grpo``, ``recipe``, ``eval``, or ``stage(conf, ...)`` for any ``conf/*.yaml``)
+Recipes (``sft``, ``grpo``, ``recipe``, ``eval``, ``export``, or ``stage(conf, ...)`` for any ``conf/*.yaml``)
 are ``run.Script`` tasks that run ``launch/run.py`` with ``conf=NAME`` and dotlist overrides,
 the command line of every other launch path. Each factory first validates those arguments into the
 typed :class:`~fastmath_nemo.config.schema.Config` (``load_config``), so a bad key stops the
@@ -73,6 +73,12 @@ def recipe(*overrides: str) -> run.Script:
 def eval(*overrides: str) -> run.Script:  # noqa: A001 - the stage's name, as conf=eval
     """Evaluation of one checkpoint (``conf/eval.yaml``; set ``eval.checkpoint``)."""
     return stage("eval", *overrides)
+
+
+def export(*overrides: str) -> run.Script:
+    """A stage checkpoint in another format (``conf/export.yaml``: ``export.checkpoint``,
+    ``export.format``, ``export.dir``); one worker is enough."""
+    return stage("export", *overrides)
 
 
 def local_executor(nproc_per_node: int = 2, env_vars: dict[str, str] | None = None) -> run.LocalExecutor:

@@ -81,6 +81,10 @@ def test_recipes_validate_at_once_and_the_plugin_refuses_other_executors(tmp_pat
             fm.recipe("policy.backend=jax")
         except ConfigError as err:
             out["config"] = str(err)
+        try:
+            fm.export("export.format=onnx")
+        except ConfigError as err:
+            out["export"] = str(err)
         task = fm.sft("sft.epochs=2")
         out["argv"] = task.metadata["argv"]
         for name, executor, plugin in [
@@ -102,6 +106,7 @@ def test_recipes_validate_at_once_and_the_plugin_refuses_other_executors(tmp_pat
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["config"].startswith("config key 'policy.backend'"), out["config"]
+    assert out["export"].startswith("config key 'export.format'"), out["export"]
     assert out["argv"] == ["conf=sft", "sft.epochs=2"]
     assert "needs a run.SlurmExecutor, got LocalExecutor" in out["local"]
     assert "warning_s must be > 0 (got 0)" in out["warning"]
