@@ -106,9 +106,9 @@ class CheckpointChoice:
     def after_step(self, step: int, policy: Any, generator: Generator) -> None:
         """Evaluate when ``step`` is due (0, every ``eval_every_steps``, the last) and not yet
         evaluated; with keep=best save the weights when they are the new best."""
-        due = step == 0 or step % self.cfg.eval_every_steps == 0 or step == self.cfg.steps \
-            if self.evaluate is not None else False
-        if not due or any(h.step == step for h in self.history):
+        if self.evaluate is None or any(h.step == step for h in self.history):
+            return
+        if not (step == 0 or step % self.cfg.eval_every_steps == 0 or step == self.cfg.steps):
             return
         generator.wake()
         summary = self.evaluate(step)  # type: ignore[misc]
@@ -151,11 +151,11 @@ class CheckpointChoice:
             final = self.checkpoints.save_final(policy, {"step": steps})
         else:
             final = self.checkpoints.final_dir
+            source = self.candidates / f"step_{kept}"
+            if not broadcast_object(is_complete(source)):  # every rank stops, not rank 0 alone
+                raise RuntimeError(f"{source}: the kept step's weights are missing (grpo.keep=best chose step "
+                                   f"{kept}); start the stage again without resume")
             if is_rank0():
-                source = self.candidates / f"step_{kept}"
-                if not is_complete(source):
-                    raise RuntimeError(f"{source}: the kept step's weights are missing (grpo.keep=best chose step "
-                                       f"{kept}); start the stage again without resume")
                 if final.exists():  # never complete here (the stage would have been skipped)
                     shutil.rmtree(final)
                 os.replace(source, final)  # same directory tree: an atomic rename, no copy
