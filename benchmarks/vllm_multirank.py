@@ -46,7 +46,7 @@ def build_model(out: Path) -> None:
     build_tiny_model(cfg, tokenizer, seed=0).save_pretrained(str(out))
 
 
-def worker(folder: str, tp: int, prompts_n: int, n: int, tokens: int, repeats: int) -> None:
+def worker(folder: str, tp: int, prompts_n: int, n: int, tokens: int, repeats: int, threads: int) -> None:
     """One layout's figures (rank 0 prints them as JSON)."""
     import torch
     from transformers import AutoTokenizer
@@ -63,7 +63,7 @@ def worker(folder: str, tp: int, prompts_n: int, n: int, tokens: int, repeats: i
     from fastmath_nemo.utils.distributed import is_rank0
     from rollout_throughput import timed  # (median of repeats, last output)
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))  # before vLLM makes it a no-op
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // tp))  # before vLLM makes it a no-op
     policy = MegatronPolicy(folder, MegatronConfig(tensor_parallel_size=tp), seed=0)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     _, held_out = generate_splits(SyntheticTaskConfig(n_train=10, n_eval=64))
@@ -94,7 +94,7 @@ def worker(folder: str, tp: int, prompts_n: int, n: int, tokens: int, repeats: i
 
 def run_layout(folder: Path, tp: int, args: argparse.Namespace, cache: str) -> dict:
     me = [str(Path(__file__).resolve()), "--worker", str(folder), "--tp", str(tp), "--prompts", str(args.prompts),
-          "--samples", str(args.n), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+          "--samples", str(args.n), "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads)]
     launcher = [sys.executable] if tp == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                                                  str(tp), "--master-port", "29731"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CACHE_ROOT": cache, "PYTHONWARNINGS": "ignore"}
@@ -113,9 +113,12 @@ def main() -> None:
     parser.add_argument("--samples", dest="n", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs per figure")
+    # 1: like for like per rank; with 2 threads the single process ran 10-15x slower on the shared
+    # 2-core machine (OpenMP threads spinning under a load of 12), a figure about the machine
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (0: the cores / ranks)")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.tp, args.prompts, args.n, args.tokens, args.repeats)
+        worker(args.worker, args.tp, args.prompts, args.n, args.tokens, args.repeats, args.threads)
         return
     import torch
     import vllm
@@ -128,7 +131,8 @@ def main() -> None:
         folder = Path(work) / "model"
         build_model(folder)
         results = [run_layout(folder, tp, args, str(Path(work) / "vllm-cache")) for tp in (1, 2)]
-    print(f"\n{args.prompts} prompts x {args.n} samples x {args.tokens} tokens, megatron policy, vLLM float32")
+    print(f"\n{args.prompts} prompts x {args.n} samples x {args.tokens} tokens, megatron policy, vLLM float32, "
+          f"torch threads per rank: {args.threads or 'cores / ranks'}")
     print("| layout | engine start s | rollout s | tokens/s | train s | refit ms | refit share of step |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
