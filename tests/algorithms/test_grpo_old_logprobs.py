@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastmath_nemo.generation.torch_generator import TorchGenerator
 from fastmath_nemo.policy.torch_policy import TorchPolicy
-from tests.algorithms._scripted import ScriptedGenerator, grpo_config, run, scripted_completions
+from tests.algorithms._scripted import GEN, ScriptedGenerator, grpo_config, run, scripted_completions
 
 
 def counted_policy(task) -> tuple[TorchPolicy, list[int], list[dict[str, torch.Tensor]]]:
@@ -70,3 +71,16 @@ def test_skipping_the_forward_keeps_the_gradient(tiny_task, tmp_path: Path) -> N
     assert max(float(g.abs().max()) for g in steps[0].values()) > 1e-3  # advantages are +-0.71: not a zero gradient
     for name, grad in steps[0].items():
         torch.testing.assert_close(grad, steps[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_tis_weights_are_one_under_truncated_sampling(tiny_task, tmp_path: Path) -> None:
+    """The PyTorch sampler at the recipe's top_p 0.9 / min_p 0.05 (GEN) with TIS on: rollout
+    logprobs are the trainer's distribution, so the weights exp(old - rollout) are 1 up to fp32
+    rounding. With the truncated logprobs they were the kept mass per token (below 1)."""
+    policy, _, _ = counted_policy(tiny_task)
+    generator = TorchGenerator(policy.model, tiny_task.pad_id)
+    (record,) = run(policy, tiny_task.tokenizer, grpo_config(steps=1, tis_cap=2.0), tmp_path, generator)
+    assert GEN.top_p < 1.0 and GEN.min_p > 0.0
+    assert record["completion/mean_tokens"] > 5
+    assert record["rollout/logprob_diff_max"] <= 1e-5
+    assert record["tis_weight_mean"] == pytest.approx(1.0, abs=1e-5)
