@@ -153,3 +153,16 @@ def test_resume_keeps_the_step_chosen_before_the_kill(tiny_task, one_thread, tmp
     assert [r["step"] for r in logged] == [0, 2, 4]
     raw = [r for r in read_metrics(stage / "metrics.jsonl", raw=True) if r["stage"] == "grpo_heldout"]
     assert [r["step"] for r in raw] == [0, 2, 2, 4]
+
+
+def test_every_rank_keeps_rank_0s_evaluations(tmp_path):
+    """Under torchrun rank 0's figures decide: a rank whose own summary differs still records
+    rank 0's, so every rank makes the same choice and saves the same checkpoints."""
+    import torch.multiprocessing as mp
+
+    from tests.algorithms._keep_ranks import two_ranks
+
+    mp.spawn(two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = {"heldout": [{"step": s, "pass@1": 0.5, "mean_tokens": 100.0 - s} for s in (0, 2, 4)]}
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected, f"rank {rank}"
