@@ -26,6 +26,7 @@ REDUCED = [
     "grpo.prompts_per_step=8",
     "eval.n_samples=2",
     "eval.k_values=[2]",
+    "grpo.heldout_problems=32",  # the held-out choice at steps 0, 10, 20 on fewer problems than recipe.yaml's
 ]
 
 
@@ -80,8 +81,13 @@ def test_grpo_shortens_completions(recipe_run: Path) -> None:
 
 @pytest.mark.slow
 def test_run_directory_is_complete(recipe_run: Path) -> None:
-    for path in ("config.yaml", "report.md", "sft/final/COMPLETE", "grpo/final/COMPLETE", "base/tokenizer.json"):
+    for path in ("config.yaml", "report.md", "report.png", "sft/final/COMPLETE", "grpo/final/COMPLETE",
+                 "base/tokenizer.json"):
         assert (recipe_run / path).exists(), path
+    # recipe.yaml's held-out choice: evaluations at steps 0, 10, 20; the kept one is reported
+    kept = json.loads((recipe_run / "grpo" / "kept.json").read_text())
+    assert [e["step"] for e in kept["evaluations"]] == [0, 10, 20] and kept["step"] in (0, 10, 20)
+    assert f"GRPO output: step {kept['step']} of 20." in (recipe_run / "report.md").read_text()
     rows = json.loads((recipe_run / "report.json").read_text())["evaluations"]
     assert {r["model"] for r in rows} == {"base", "sft", "grpo"}
     for row in rows:
