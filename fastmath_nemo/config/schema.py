@@ -7,7 +7,7 @@ a wrong type fails with the key's name; ``validate`` checks what types cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 # The schema imports no implementation (no torch, no model or data code): the configs that
 # implementations take (SyntheticTaskConfig, TinyModelConfig) are defined here and imported there.
@@ -50,7 +50,7 @@ class TinyModelConfig:
     """Shape of the embedded model (``policy.models.build_tiny_model``). head_dim = hidden_size /
     num_attention_heads must be one that vLLM's CPU attention backend accepts (32, 64, 80, 96, 112, 128, ...)."""
 
-    architecture: Literal["qwen2", "llama"] = "qwen2"
+    architecture: str = "qwen2"  # qwen2 | llama (validate.py); not a Literal: OmegaConf 2.3, which NeMo pins, rejects it
     hidden_size: int = 128
     num_layers: int = 4
     num_attention_heads: int = 4

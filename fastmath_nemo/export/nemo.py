@@ -26,9 +26,10 @@ from fastmath_nemo.export.megatron import save_weights
 from fastmath_nemo.export.source import stored_dtype
 
 PREFIX = "module."
-# What NeMo's MegatronStrategy.sharded_state_dict_metadata gives a checkpoint without a
-# distributed optimizer (nemo/lightning/pytorch/strategies/megatron_strategy.py, 2.7.3).
-CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+# What llm.import_ckpt writes (MegatronStrategy.sharded_state_dict_metadata, NeMo 2.7.3): how
+# a resumed NeMo run shards the (here absent) optimizer state.
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                    "distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def export_nemo(source: Path, target: Path, dtype: torch.dtype | None = None) -> None:

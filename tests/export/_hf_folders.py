@@ -15,14 +15,14 @@ __all__ = ["MODEL_TYPES", "as_stage_checkpoint", "safetensors_state", "write_hf_
 VOCAB = 320  # the byte-level BPE needs 256 + specials; the model's vocabulary matches it
 
 
-def write_hf_folder(model_type: str, directory: Path, seed: int = 0) -> Path:
-    """Save a tiny ``model_type`` model (weights ~ N(0, 0.2), norms ~ N(1, 0.2); Qwen3 tied)
-    and its tokenizer into ``directory``; returns it."""
+def write_hf_folder(model_type: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny ``model_type`` model (weights ~ N(0, 0.2), norms ~ N(1, 0.2); Qwen3 tied;
+    ``overrides``: config fields) and its tokenizer into ``directory``; returns it."""
     from fastmath_nemo.data.tokenizer import train_tokenizer
 
     corpus = [f"What is {a}+{b}? The answer is \\boxed{{{a + b}}}." for a in range(30) for b in range(30)]
     tokenizer = train_tokenizer(corpus, vocab_size=VOCAB)
-    model = tiny_hf_model(model_type, seed=seed, vocab_size=len(tokenizer))
+    model = tiny_hf_model(model_type, seed=seed, **{"vocab_size": len(tokenizer), **overrides})
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
     return directory

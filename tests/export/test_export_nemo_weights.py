@@ -76,7 +76,8 @@ def test_nemo_weights_layout_and_tensors(model_type: str, tmp_path: Path, one_th
     assert json.loads((weights / "metadata.json").read_text()) == {
         "sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
     common = torch.load(weights / "common.pt", weights_only=False)
-    assert common == {"content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}}
+    assert common == {"content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                                           "distrib_optim_sharding_type": "dp_reshardable"}}  # as llm.import_ckpt
 
     cfg = AutoConfig.from_pretrained(str(source))
     expected = _expected(safetensors_state(source), cfg)
