@@ -11,9 +11,9 @@ from fastmath_nemo.export.source import stored_dtype
 
 
 def export_hf(source: Path, target: Path, dtype: torch.dtype | None = None) -> None:
-    """Load ``source`` with transformers and save it into ``target`` (safetensors, shards of
-    at most 5 GB with an index, ``config.json``, ``generation_config.json``, tokenizer and chat
-    template), as a user of transformers would. ``dtype`` None keeps the stored tensors' dtype,
+    """Load ``source`` with transformers and save it into ``target`` (safetensors, sharded with
+    an index as ``save_pretrained`` does, ``config.json``, ``generation_config.json``, tokenizer
+    and chat template), as a user of transformers would. ``dtype`` None keeps the stored tensors' dtype,
     so the weights come out bit-exact."""
     dtype = dtype or stored_dtype(source)
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, local_files_only=True)
