@@ -35,19 +35,19 @@ class CheckpointManager:
             for path in remove_stale(self.root) + remove_stale(self.stage_dir):
                 logger.warning("removed %s, left by a killed run", path)
 
-    def _write(self, policy: Policy, target: Path, state: dict[str, Any]) -> None:
+    def _write(self, policy: Policy, target: Path, state: dict[str, Any], weights_only: bool = False) -> None:
         """Rank 0 writes; every rank waits until the directory is complete. A policy whose
         weights are sharded over ranks (``saves_collectively``) is saved by every rank into
         rank 0's temporary directory, which is then completed and renamed as usual."""
         collective = policy.saves_collectively
         with atomic_directory(target) if is_rank0() else contextlib.nullcontext() as tmp:
             if collective:
-                policy.save(Path(str(broadcast_object(str(tmp)))), extra_state=state)
+                policy.save(Path(str(broadcast_object(str(tmp)))), extra_state=state, weights_only=weights_only)
                 barrier()
             if is_rank0():
                 assert tmp is not None  # rank 0 holds the atomic directory
                 if not collective:
-                    policy.save(tmp, extra_state=state)
+                    policy.save(tmp, extra_state=state, weights_only=weights_only)
                 self.tokenizer.save_pretrained(str(tmp))
                 mark_complete(tmp)
         barrier()
@@ -61,9 +61,10 @@ class CheckpointManager:
         return target
 
     def save_as(self, policy: Policy, target: Path, state: dict[str, Any]) -> Path:
-        """A complete checkpoint at ``target``, outside the pruned ``step_N`` series (the GRPO
-        stage's kept-checkpoint candidates, ``algorithms.checkpoint_choice``)."""
-        self._write(policy, Path(target), state)
+        """A complete weights-only checkpoint at ``target`` (no optimizer state), outside the
+        pruned ``step_N`` series (the GRPO stage's kept-checkpoint candidates,
+        ``algorithms.checkpoint_choice``)."""
+        self._write(policy, Path(target), state, weights_only=True)
         logger.info("checkpoint saved: %s", target)
         return Path(target)
 

@@ -63,9 +63,11 @@ class Policy(Protocol):
         """Weights under Hugging Face names, one tensor at a time."""
         ...
 
-    def save(self, directory: Path, extra_state: dict[str, Any] | None = None) -> None:
+    def save(self, directory: Path, extra_state: dict[str, Any] | None = None, weights_only: bool = False) -> None:
         """Weights (a Hugging Face folder), optimizer and scheduler state, and the loop's
-        ``extra_state`` (e.g. ``{"step": 12}``). Collective when ``saves_collectively``."""
+        ``extra_state`` (e.g. ``{"step": 12}``). Collective when ``saves_collectively``.
+        ``weights_only``: the Hugging Face folder and loop state, no optimizer state (not for
+        resuming: for models that are only loaded, such as the GRPO stage's kept candidates)."""
         ...
 
     def load(self, directory: Path) -> dict[str, Any]:

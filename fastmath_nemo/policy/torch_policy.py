@@ -248,11 +248,11 @@ class TorchPolicy:
                 param.copy_(host)
                 host.copy_(staged)
 
-    def save(self, directory: Path, extra_state: dict | None = None) -> None:
-        """HF folder (safetensors + config) plus optimizer / scheduler / loop state."""
+    def save(self, directory: Path, extra_state: dict | None = None, weights_only: bool = False) -> None:
+        """HF folder (safetensors + config) plus optimizer / scheduler (unless ``weights_only``) / loop state."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
         state = {"extra": extra_state or {}}
-        if self.optimizer is not None and self.scheduler is not None:
+        if self.optimizer is not None and self.scheduler is not None and not weights_only:
             state["optimizer"] = self.optimizer.state_dict()
             state["scheduler"] = self.scheduler.state_dict()
         torch.save(state, Path(directory) / TRAINER_STATE)

@@ -432,11 +432,13 @@ class MegatronPolicy:
             )
         return state
 
-    def save(self, directory: Path, extra_state: dict | None = None) -> None:
+    def save(self, directory: Path, extra_state: dict | None = None, weights_only: bool = False) -> None:
         """A Hugging Face folder (rank 0: safetensors + config, for the next stage, evaluation
         and vLLM) plus ``megatron/``, a distributed checkpoint of the model and optimizer
         shards that loads into another TP / PP / DP layout (the distributed optimizer over
-        torch's Adam: another DP size only, see ``optimizer_state``), plus the loop state."""
+        torch's Adam: another DP size only, see ``optimizer_state``), plus the loop state.
+        ``weights_only``: no ``megatron/`` (the distributed optimizer cannot even write its
+        state before its first step, and a kept candidate is only ever loaded as HF weights)."""
         from megatron.core import dist_checkpointing
         from safetensors.torch import save_file
 
@@ -448,10 +450,12 @@ class MegatronPolicy:
             save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
             self.hf_config.save_pretrained(str(directory))
             torch.save({"extra": extra_state or {}, "step": self.step}, directory / TRAINER_STATE)
-            (directory / "megatron").mkdir()
+            if not weights_only:
+                (directory / "megatron").mkdir()
         del weights
         barrier()
-        dist_checkpointing.save(self._sharded_state(is_loading=False), str(directory / "megatron"))
+        if not weights_only:
+            dist_checkpointing.save(self._sharded_state(is_loading=False), str(directory / "megatron"))
 
     @torch.no_grad()
     def load(self, directory: Path) -> dict:

@@ -75,7 +75,7 @@ def test_paper_14b_code_path_at_small_width_under_torchrun(tmp_path: Path) -> No
         f"data.grpo_path={tmp_path / 'grpo.jsonl'}", f"data.eval_path={tmp_path / 'eval.jsonl'}",
         "data.max_eval_problems=4", "policy.device=cpu", "policy.megatron.tensor_parallel_size=2",
         "policy.max_tokens_per_micro_batch=192", "policy.logprob_chunk_tokens=32", "sft.epochs=1",
-        "sft.rows_per_step=2", "sft.max_seq_len=192", "grpo.steps=2", "grpo.prompts_per_step=2",
+        "sft.rows_per_step=2", "sft.max_seq_len=192", "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.heldout_problems=2",
         "grpo.num_generations=4", "grpo.optimizer.lr=1e-3", "generation.backend=torch", "generation.max_tokens=12", "eval.token_budgets=[12]",
         "eval.n_samples=2", "eval.k_values=[2]",
     ]
