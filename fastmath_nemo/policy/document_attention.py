@@ -21,8 +21,6 @@ Memory: SDPA with ``is_causal=True`` and no mask uses the flash / memory-efficie
 (the CPU has a flash kernel too, GQA included), so each document of length L costs O(L) and the
 row O(T), instead of the O(T^2) scores an arbitrary mask forces. Padding positions (document 0)
 attend to nothing and get a zero output (no loss reads them, and nothing attends to them).
-Rows that each hold one document from position 0 followed by padding (every GRPO batch and
-unpacked SFT) take one batched causal call instead: per-row calls cost more than the padding.
 Sliding-window layers are refused (per-document SDPA would ignore the window).
 """
 
@@ -83,12 +81,6 @@ def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
-def _right_padded_single_documents(document_ids: torch.Tensor) -> bool:
-    """document_ids [B, T] -> whether every row is one document from position 0, then padding."""
-    ids = document_ids
-    return bool(((ids == 0) | (ids == 1)).all() and (ids[:, 1:] <= ids[:, :-1]).all())
-
-
 def per_document_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -114,14 +106,6 @@ def per_document_attention(
     if key.shape[2] != t or attention_mask.shape[-1] != t:
         raise ValueError(f"a document marker needs keys for exactly the {t} queries (no KV cache)")
     gqa = heads != key.shape[1]
-    if _right_padded_single_documents(attention_mask[:, 0, 0, :]):
-        # Unpacked rows (GRPO, unpacked SFT): one batched causal call instead of one per row.
-        # Causality keeps every real token from seeing the trailing padding; the padding
-        # positions' outputs are not zeroed here, but nothing reads them (no loss, no later token).
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
-        )
-        return out.transpose(1, 2).contiguous(), None
     rows: list[torch.Tensor] = []
     for row, spans in enumerate(document_spans(attention_mask[:, 0, 0, :])):
         outputs = [

@@ -104,28 +104,6 @@ def test_padded_single_document_rows_use_per_document_attention_and_match_the_2d
     torch.testing.assert_close(per_doc.logprobs(batch)[real], dense.logprobs(batch)[real], atol=1e-5, rtol=0)
 
 
-def test_unpacked_padded_rows_take_one_batched_call_per_layer_with_the_same_gradients(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    docs = _docs([25, 12, 40, 7])
-    batch = batch_from_sequences([d[0] for d in docs], [d[1] for d in docs], pad_id=0)
-    dense_lp, dense_grads = _loss_and_grads(TorchPolicy(_model(), CPU, packed_attention="dense"), batch)
-    calls: list[tuple[int, ...]] = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counting_sdpa(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        calls.append(tuple(query.shape))
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
-    lp, grads = _loss_and_grads(TorchPolicy(_model(), CPU), batch)
-    assert calls == [(4, 4, 40, 8)] * 2  # one call per layer for all rows, not one per row
-    real = batch.document_ids > 0
-    torch.testing.assert_close(lp[real], dense_lp[real], atol=1e-5, rtol=0)
-    for k, g in grads.items():
-        torch.testing.assert_close(g, dense_grads[k], atol=1e-5, rtol=0, msg=k)
-
-
 def test_document_spans() -> None:
     ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]])
     assert document_spans(ids) == [[(0, 2), (2, 5)], [(0, 1), (1, 2), (2, 4)]]
