@@ -138,6 +138,9 @@ class CheckpointChoice:
         steps = self.cfg.steps
         kept, reason = choose(self.history, self.cfg.keep, self.cfg.keep_tolerance, steps)
         if self.history and is_rank0():
+            # keep=last saves no candidate, and a run shorter than its checkpoint interval has
+            # written nothing into the stage directory yet
+            self.checkpoints.stage_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.checkpoints.stage_dir / KEPT_FILE, {
                 "keep": self.cfg.keep, "step": kept, "of_steps": steps, "reason": reason,
                 "keep_tolerance": self.cfg.keep_tolerance,

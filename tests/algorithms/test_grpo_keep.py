@@ -99,7 +99,9 @@ def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, kill_at
     generator = TorchGenerator(policy.model, task.pad_id, max_rows=8)
     evaluation = ScriptedEvaluation(policy)
     checkpoints = KilledAtCheckpoint(stage_dir, task.tokenizer, cfg.keep_last_checkpoints, step=kill_at)
-    with MetricsLogger(stage_dir / "metrics.jsonl", enabled=True) as metrics:
+    # metrics.jsonl beside the stage directory (as in a run directory), so nothing but the
+    # stage itself creates that directory
+    with MetricsLogger(stage_dir.parent / "metrics.jsonl", enabled=True) as metrics:
         final = run_grpo(policy, generator, task.tokenizer, task.train[:4], cfg, GenerationConfig(max_tokens=12),
                          SYSTEM_PROMPT, checkpoints, metrics, seed=3, micro_batch_rows=8, resume=resume,
                          evaluate_heldout=evaluation)
@@ -126,7 +128,7 @@ def test_keep_best_outputs_the_chosen_steps_weights_and_says_why(tiny_task, one_
     kept = json.loads((tmp_path / "grpo" / KEPT_FILE).read_text())
     assert kept["step"] == 2 and kept["of_steps"] == 4 and "step 4 (50.0%)" in kept["reason"]
     assert [e["step"] for e in kept["evaluations"]] == [0, 2, 4]
-    logged = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if r["stage"] == "grpo_heldout"]
+    logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "grpo_heldout"]
     assert [(r["step"], r["heldout/pass@1"], r["heldout/mean_tokens"]) for r in logged] == \
         [(s, *FIGURES[s]) for s in (0, 2, 4)]
     assert not (tmp_path / "grpo" / "candidates").exists()  # moved or deleted at the end
@@ -149,9 +151,9 @@ def test_resume_keeps_the_step_chosen_before_the_kill(tiny_task, one_thread, tmp
     assert_same_weights(final, evaluation.weights[2])
     assert json.loads((stage / KEPT_FILE).read_text())["step"] == 2
     # each evaluation once in the metrics: the killed run's step 2 is superseded
-    logged = [r for r in read_metrics(stage / "metrics.jsonl") if r["stage"] == "grpo_heldout"]
+    logged = [r for r in read_metrics(stage.parent / "metrics.jsonl") if r["stage"] == "grpo_heldout"]
     assert [r["step"] for r in logged] == [0, 2, 4]
-    raw = [r for r in read_metrics(stage / "metrics.jsonl", raw=True) if r["stage"] == "grpo_heldout"]
+    raw = [r for r in read_metrics(stage.parent / "metrics.jsonl", raw=True) if r["stage"] == "grpo_heldout"]
     assert [r["step"] for r in raw] == [0, 2, 2, 4]
 
 
