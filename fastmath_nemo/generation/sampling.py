@@ -40,9 +40,21 @@ def sample_top_p_min_p(probs: torch.Tensor, top_p: float, min_p: float, rng: tor
     """
     if top_p >= 1.0 and min_p <= 0.0:
         return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs, order = _candidates(probs, min_p)
     choice = torch.multinomial(sorted_probs * _nucleus_sorted(sorted_probs, top_p, min_p), 1, generator=rng)
     return order.gather(-1, choice).squeeze(-1)
+
+
+def _candidates(probs: torch.Tensor, min_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs [B, V] -> (probabilities [B, K] in descending order, their token ids [B, K]): the
+    K most likely tokens of each row, where K is the most tokens any row keeps under min-p
+    (every token min-p keeps is among them), or the whole sorted vocabulary without min-p.
+    A trained model keeps a handful of tokens, so this is a small top-k instead of a sort of
+    the vocabulary at every decoding step (which took 10% of the PyTorch sampler's time)."""
+    if min_p <= 0.0:
+        return probs.sort(dim=-1, descending=True)
+    kept = probs >= min_p * probs.max(dim=-1, keepdim=True).values
+    return probs.topk(int(kept.sum(dim=-1).max()), dim=-1)
 
 
 def ends_with_any(sequence: list[int], stops: tuple[tuple[int, ...], ...]) -> bool:

@@ -3,9 +3,10 @@
 A transformers attention implementation, ``"fastmath_per_document"``, registered with
 ``AttentionInterface`` (checked against transformers 5.19). A model switched to it
 (``enable_per_document_attention``) behaves exactly like ``"sdpa"`` for every ordinary call
-(2D padding masks, dense 4D masks, KV-cache decoding: the TorchGenerator shares the model), and
-runs one ``scaled_dot_product_attention(..., is_causal=True)`` per document when it is given a
-*document marker* instead of a mask:
+(2D padding masks, dense 4D masks, KV-cache decoding: the TorchGenerator shares the model; on
+the CPU, masked no-grad calls with grouped KV heads skip transformers' ``repeat_kv`` copy),
+and runs one ``scaled_dot_product_attention(..., is_causal=True)`` per document when it is
+given a *document marker* instead of a mask:
 
     marker = document_marker(batch.document_ids)        # LongTensor[B, 1, 1, T], on the CPU
     model(input_ids=..., position_ids=..., attention_mask=marker, use_cache=False)
@@ -81,6 +82,19 @@ def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
+def _masked_gqa_on_cpu(query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a plain-sdpa call (a real mask, grouped KV heads, on the CPU, no autograd) can
+    skip repeat_kv."""
+    return (
+        query.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and isinstance(mask, torch.Tensor)
+        and query.shape[1] != key.shape[1]
+        and kwargs.get("position_bias") is None
+        and kwargs.get("cache") is None
+    )
+
+
 def per_document_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -96,6 +110,15 @@ def per_document_attention(
     -> ([B, T, Hq, D], None), as ``sdpa_attention_forward``; a document marker as
     ``attention_mask`` selects one causal SDPA call per document, anything else is plain sdpa."""
     if not is_document_marker(attention_mask):
+        if _masked_gqa_on_cpu(query, key, attention_mask, kwargs):
+            # transformers repeats the KV heads (a copy of the whole KV cache per layer and
+            # decoding step) whenever a mask is given, because CUDA's kernels need that; the
+            # CPU kernels take GQA with a mask, and give bit-identical outputs without the copy.
+            # Only without gradients: the K / V gradients would differ in the last bits.
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+            )
+            return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -106,17 +129,21 @@ def per_document_attention(
     if key.shape[2] != t or attention_mask.shape[-1] != t:
         raise ValueError(f"a document marker needs keys for exactly the {t} queries (no KV cache)")
     gqa = heads != key.shape[1]
+    # Rows by split (its backward concatenates the rows' gradients once), not by slicing the
+    # batch (each slice's backward writes a zero-filled [B, H, T, D] gradient: O(B^2) memory
+    # traffic, 6% of an SFT step on the embedded task). The SDPA inputs are the same views.
+    query_rows, key_rows, value_rows = query.split(1), key.split(1), value.split(1)
     rows: list[torch.Tensor] = []
     for row, spans in enumerate(document_spans(attention_mask[:, 0, 0, :])):
         outputs = [
             torch.nn.functional.scaled_dot_product_attention(
-                query[row : row + 1, :, s:e], key[row : row + 1, :, s:e], value[row : row + 1, :, s:e],
+                query_rows[row][:, :, s:e], key_rows[row][:, :, s:e], value_rows[row][:, :, s:e],
                 dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
             )
             for s, e in spans
         ]
         # Reassemble the row with zero outputs on padding, in token order.
-        like = outputs[0] if outputs else value[row : row + 1, :, :0]
+        like = outputs[0] if outputs else value_rows[row][:, :, :0]
         pieces: list[torch.Tensor] = []
         cursor = 0
         for (s, e), out in zip(spans, outputs):

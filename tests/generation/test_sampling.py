@@ -78,6 +78,20 @@ def test_sampling_draws_from_the_filtered_distribution(top_p, min_p, want):
     assert all(freq[i] == 0 for i in range(4) if want[perm[i]] == 0.0)
 
 
+def test_sampling_rows_that_keep_few_and_many_tokens_together():
+    # The draw looks only at the K most likely tokens, K the most any row keeps under min-p:
+    # a peaked row (keeps 3) beside a flat one (keeps all 8) must still draw from all 8.
+    peaked = [0.5, 0.3, 0.15, 0.05, 0.0, 0.0, 0.0, 0.0]
+    flat = [0.125] * 8
+    probs = torch.tensor([peaked, flat]).repeat(20_000, 1)
+    tokens = sample_top_p_min_p(probs, 1.0, 0.2, torch.Generator().manual_seed(0)).view(20_000, 2)
+    for column, row in enumerate((peaked, flat)):
+        freq = torch.bincount(tokens[:, column], minlength=8).float() / 20_000
+        want = filter_top_p_min_p(torch.tensor([row]), 1.0, 0.2)[0]
+        torch.testing.assert_close(freq, want, atol=0.015, rtol=0.0)
+        assert all(freq[i] == 0 for i in range(8) if want[i] == 0.0)
+
+
 @pytest.mark.parametrize(
     ("sequence", "stops", "expected"),
     [

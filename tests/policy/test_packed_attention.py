@@ -170,3 +170,29 @@ def test_gradient_checkpointing_recomputes_per_document_attention() -> None:
     assert model.is_gradient_checkpointing
     for k in grads[0]:
         assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def test_masked_decoding_on_the_cpu_skips_repeat_kv_with_identical_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler's KV-cache steps (a padding mask, no gradients) run GQA inside SDPA instead of
+    copying the KV heads, and give exactly what transformers' sdpa gives; with gradients the
+    call is transformers' own (its K / V gradients are the reference)."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    plain, shared = _model(), _model()
+    TorchPolicy(shared, CPU)  # switches ``shared`` to per-document attention
+    ids = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as the sampler's prefill
+    mask[2, :7] = 0
+    calls: list[int] = []
+    original = sdpa_module.repeat_kv
+    monkeypatch.setattr(sdpa_module, "repeat_kv", lambda x, n: calls.append(n) or original(x, n))
+    with torch.no_grad():
+        want = plain(input_ids=ids, attention_mask=mask).logits
+        repeats_plain = len(calls)
+        got = shared(input_ids=ids, attention_mask=mask).logits
+    assert repeats_plain > 0 and len(calls) == repeats_plain  # transformers repeats; ours does not
+    real = mask.bool()
+    assert torch.equal(got[real], want[real])
+    shared(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert len(calls) > repeats_plain
