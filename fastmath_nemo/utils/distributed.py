@@ -7,6 +7,7 @@ MASTER_PORT) drive :func:`init_distributed_if_needed`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -133,6 +134,10 @@ def init_distributed_if_needed(device: DeviceName | str | torch.device) -> bool:
 def destroy_distributed() -> None:
     """Tear down the process group if one is active (call at exit)."""
     if _initialized():
+        # Free unreachable DDP wrappers first, while the group is still registered: a Reducer
+        # freed after it holds the group's last reference and destroys it with the GIL held,
+        # which deadlocks when gloo's worker thread needs the GIL to free a finished work.
+        gc.collect()
         dist.destroy_process_group()
 
 

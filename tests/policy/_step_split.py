@@ -135,10 +135,26 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # The policy (and torch DDP's Reducer in it) is gone when this returns, before the process
+    # group is destroyed: a Reducer freed after destroy_process_group holds the last reference
+    # to the gloo group and destroys it with the GIL held, while gloo's worker thread waits for
+    # the GIL to free the last all_gather's tensors: a deadlock in about 1 run of 8.
+    results = _this_ranks_results(args)
+    if dist.get_rank() == 0:
+        torch.save(results, args.out)
+    if args.backend == "megatron":
+        from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel
+
+        destroy_model_parallel()
+    else:
+        dist.destroy_process_group()
+
+
+def _this_ranks_results(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    import torch.distributed as dist
 
     if args.backend == "megatron":
         from fastmath_nemo.config.schema import MegatronConfig
-        from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel
         from fastmath_nemo.policy.megatron.policy import MegatronPolicy
 
         policy: Any = MegatronPolicy(args.folder, MegatronConfig(pipeline_parallel_size=args.pp, attention_backend="sdpa"))
@@ -161,12 +177,7 @@ def main() -> None:
         counts: list = [None] * dist.get_world_size()
         dist.all_gather_object(counts, len(micro))
         results[loss_agg] = {"grads": grads, "loss": loss, "micro": counts}
-    if dist.get_rank() == 0:
-        torch.save(results, args.out)
-    if args.backend == "megatron":
-        destroy_model_parallel()
-    else:
-        dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
