@@ -21,7 +21,8 @@ def test_grpo_steps_on_smollm2_with_vllm_rollouts(smollm2_dir: Path, tmp_path: P
               "data.synthetic.n_eval=8", "generation.max_tokens=24", "generation.top_p=1.0", "generation.min_p=0.0"]
     grpo = [sys.executable, str(ROOT / "launch" / "run.py"), "conf=smollm2", "stage=grpo",
             f"grpo.init_from={smollm2_dir}", "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=4",
-            "grpo.optimizer.lr=1e-5", "grpo.mismatch_every_steps=1", "policy.micro_batch_rows=4", *common]
+            "grpo.optimizer.lr=1e-5", "grpo.mismatch_every_steps=1", "policy.micro_batch_rows=4",
+            "policy.dtype=float32", *common]  # the preset trains under bf16 autocast; compared here in fp32
     done = subprocess.run(grpo, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
