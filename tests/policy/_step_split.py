@@ -138,7 +138,7 @@ def main() -> None:
     # The policy (and torch DDP's Reducer in it) is gone when this returns, before the process
     # group is destroyed: a Reducer freed after destroy_process_group holds the last reference
     # to the gloo group and destroys it with the GIL held, while gloo's worker thread waits for
-    # the GIL to free the last all_gather's tensors: a deadlock in about 1 run of 8.
+    # the GIL to free the last all_gather's tensors: a deadlock in 1 run of 3 to 8.
     results = _this_ranks_results(args)
     if dist.get_rank() == 0:
         torch.save(results, args.out)
