@@ -125,7 +125,7 @@ def base_model_dir(run: Run, data: TaskData) -> Path:
         raise ValueError("model.path is null and there is no SFT data to train the embedded tokenizer on: "
                          "set model.path to a Hugging Face model folder")
     if is_rank0():
-        corpus = [f"{cfg.data.system_prompt}\n{r.problem}\n{r.trace or ''}" for r in data.sft]
+        corpus = [f"{cfg.data.system_prompt or ''}\n{r.problem}\n{r.trace or ''}" for r in data.sft]
         with atomic_directory(target) as tmp:
             tokenizer = build_task_tokenizer(corpus, tmp, vocab_size=cfg.model.tokenizer_vocab_size)
             model = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.run.seed)

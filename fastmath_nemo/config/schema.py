@@ -91,7 +91,7 @@ class DataConfig:
     trace_field: str = "trace"
     skip_bad_rows: bool = False
     max_eval_problems: Optional[int] = None
-    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    system_prompt: Optional[str] = "Please reason step by step, and put your final answer within \\boxed{}."
     chat_template: Optional[str] = None  # a Jinja string or a file path; replaces the tokenizer's template
 
 

@@ -6,7 +6,8 @@ A transformers attention implementation, ``"fastmath_per_document"``, registered
 (2D padding masks, dense 4D masks, KV-cache decoding: the TorchGenerator shares the model; on
 the CPU, masked no-grad calls with grouped KV heads skip transformers' ``repeat_kv`` copy),
 and runs one ``scaled_dot_product_attention(..., is_causal=True)`` per document when it is
-given a *document marker* instead of a mask:
+given a *document marker* instead of a mask (one batched call when every row is a single
+document padded on the right):
 
     marker = document_marker(batch.document_ids)        # LongTensor[B, 1, 1, T], on the CPU
     model(input_ids=..., position_ids=..., attention_mask=marker, use_cache=False)
@@ -129,24 +130,27 @@ def per_document_attention(
     if key.shape[2] != t or attention_mask.shape[-1] != t:
         raise ValueError(f"a document marker needs keys for exactly the {t} queries (no KV cache)")
     gqa = heads != key.shape[1]
+    spans = document_spans(attention_mask[:, 0, 0, :])
+    if all(len(row) == 1 and row[0][0] == 0 for row in spans):
+        return _right_padded_attention(query, key, value, [row[0][1] for row in spans], dropout, scaling, gqa), None
     # Rows by split (its backward concatenates the rows' gradients once), not by slicing the
     # batch (each slice's backward writes a zero-filled [B, H, T, D] gradient: O(B^2) memory
     # traffic, 6% of an SFT step on the embedded task). The SDPA inputs are the same views.
     query_rows, key_rows, value_rows = query.split(1), key.split(1), value.split(1)
     rows: list[torch.Tensor] = []
-    for row, spans in enumerate(document_spans(attention_mask[:, 0, 0, :])):
+    for row, row_spans in enumerate(spans):
         outputs = [
             torch.nn.functional.scaled_dot_product_attention(
                 query_rows[row][:, :, s:e], key_rows[row][:, :, s:e], value_rows[row][:, :, s:e],
                 dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
             )
-            for s, e in spans
+            for s, e in row_spans
         ]
         # Reassemble the row with zero outputs on padding, in token order.
         like = outputs[0] if outputs else value_rows[row][:, :, :0]
         pieces: list[torch.Tensor] = []
         cursor = 0
-        for (s, e), out in zip(spans, outputs):
+        for (s, e), out in zip(row_spans, outputs):
             if s > cursor:
                 pieces.append(like.new_zeros(1, heads, s - cursor, value.shape[-1]))
             pieces.append(out)
@@ -156,6 +160,31 @@ def per_document_attention(
         rows.append(torch.cat(pieces, dim=2))
     attn_output = torch.cat(rows, dim=0)  # [B, Hq, T, D]
     return attn_output.transpose(1, 2).contiguous(), None
+
+
+def _right_padded_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+    dropout: float, scaling: float | None, gqa: bool,
+) -> torch.Tensor:
+    """Rows that each hold one document from position 0 (unpacked SFT rows, GRPO's prompt +
+    completion rows): one batched causal SDPA over the longest row, then zeros on the padding.
+
+    Causality keeps every real token's output that of its document alone (padding only follows
+    it), so this equals the per-row calls up to the kernel's summation order, in one call
+    instead of B: 1.7x faster attention for 16 rows of ~220 tokens on the CPU. The longest row
+    bounds the width, so memory stays O(T) per row with the flash kernels.
+    query [B, Hq, T, D], key / value [B, Hkv, T, D] -> [B, T, Hq, D].
+    """
+    width = max(lengths)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, :width], key[:, :, :width], value[:, :, :width],
+        dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+    )
+    real = torch.arange(width, device=out.device)[None, :] < torch.tensor(lengths, device=out.device)[:, None]
+    out = out * real[:, None, :, None].to(out.dtype)  # [B, Hq, width, D]; padding attends to nothing
+    if width < query.shape[2]:
+        out = torch.nn.functional.pad(out, (0, 0, 0, query.shape[2] - width))
+    return out.transpose(1, 2).contiguous()
 
 
 def _register() -> None:

@@ -104,6 +104,31 @@ def test_padded_single_document_rows_use_per_document_attention_and_match_the_2d
     torch.testing.assert_close(per_doc.logprobs(batch)[real], dense.logprobs(batch)[real], atol=1e-5, rtol=0)
 
 
+def test_right_padded_rows_in_one_batched_call_equal_each_row_alone_with_gradients(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacked rows of different lengths take one batched SDPA call per layer (not one per row)
+    and give each row's logprobs and the summed gradients of the rows run alone."""
+    docs = _docs([25, 12, 40, 7])
+    batch = batch_from_sequences([d[0] for d in docs], [d[1] for d in docs], pad_id=0)
+    policy = TorchPolicy(_model(), CPU, temperature=0.8)
+    calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or sdpa(q, *a, **k))
+    batch_lp, batch_grads = _loss_and_grads(policy, batch)
+    assert calls == [4, 4]  # one call per layer, all four rows
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    alone_grads: dict[str, torch.Tensor] = {}
+    for row, (ids, mask) in enumerate(docs):
+        lp, grads = _loss_and_grads(policy, batch_from_sequences([ids], [mask], pad_id=0))
+        torch.testing.assert_close(batch_lp[row, 1:len(ids)], lp[0, 1:], atol=1e-5, rtol=0)
+        for k, g in grads.items():
+            alone_grads[k] = alone_grads.get(k, 0) + g
+    for k, g in batch_grads.items():
+        scale = float(alone_grads[k].abs().max())
+        torch.testing.assert_close(g, alone_grads[k], atol=1e-5 * max(1.0, scale), rtol=0, msg=k)
+
+
 def test_document_spans() -> None:
     ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]])
     assert document_spans(ids) == [[(0, 2), (2, 5)], [(0, 1), (1, 2), (2, 4)]]
