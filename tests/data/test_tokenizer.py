@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from fastmath_nemo.data.tokenizer import build_task_tokenizer
+from fastmath_nemo.config.schema import ModelConfig
+from fastmath_nemo.data.tokenizer import build_task_tokenizer, train_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -50,6 +51,20 @@ def test_special_token_roles(tok):
 def test_numbers_split_into_single_digits(tok):
     ids = _ids(tok, "12345")
     assert tok.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"]
+
+
+def test_a_space_before_a_digit_joins_it(tok):
+    """The column work is one token per digit, operator and sign: 6 tokens, not 9."""
+    ids = _ids(tok, " 7 + 8 = 15")
+    assert [tok.decode([i]) for i in ids] == [" 7", " +", " 8", " =", " 1", "5"]
+
+
+def test_chat_roles_are_single_tokens(tiny_task):
+    """At the pipeline's vocabulary size (model.tokenizer_vocab_size), though no text has them."""
+    tok = train_tokenizer([r.trace for r in tiny_task.train], vocab_size=ModelConfig().tokenizer_vocab_size)
+    for role in ("system", "user", "assistant"):
+        prompt = tok.apply_chat_template([{"role": role, "content": "x"}], tokenize=False)
+        assert role in [tok.decode([i]) for i in _ids(tok, prompt)], role
 
 
 def test_decode_encode_roundtrip(tok, tiny_task):
