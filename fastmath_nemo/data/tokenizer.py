@@ -3,10 +3,6 @@
 Byte-level BPE trained on the task's own text with single-digit number splitting (as
 Qwen2's tokenizer does), ``<think>``/``</think>`` as single tokens, and a ChatML chat
 template, so the tiny model goes through exactly the path a real model folder does.
-
-Unlike Qwen2's, a space before a digit stays with it (``" 7"``, as GPT-2's pre-tokenizer
-keeps it): the column work ``7 + 8 = 15`` is 6 tokens instead of 9, and a trace of the
-embedded task about 20% shorter, which every SFT and GRPO step pays for.
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -34,8 +30,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 320) -> PreTrainedTo
     """Train a byte-level BPE on ``texts`` and wrap it for transformers."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        # one digit per piece, with the space before it (ByteLevel's regex keeps " 7" together)
-        [pre_tokenizers.Split(Regex(" ?[0-9]"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -53,12 +53,6 @@ def test_numbers_split_into_single_digits(tok):
     assert tok.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"]
 
 
-def test_a_space_before_a_digit_joins_it(tok):
-    """The column work is one token per digit, operator and sign: 6 tokens, not 9."""
-    ids = _ids(tok, " 7 + 8 = 15")
-    assert [tok.decode([i]) for i in ids] == [" 7", " +", " 8", " =", " 1", "5"]
-
-
 def test_chat_roles_are_single_tokens(tiny_task):
     """At the pipeline's vocabulary size (model.tokenizer_vocab_size), though no text has them."""
     tok = train_tokenizer([r.trace for r in tiny_task.train], vocab_size=ModelConfig().tokenizer_vocab_size)
