@@ -181,7 +181,7 @@ def _right_padded_attention(
         dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
     )
     real = torch.arange(width, device=out.device)[None, :] < torch.tensor(lengths, device=out.device)[:, None]
-    out = out * real[:, None, :, None].to(out.dtype)  # [B, Hq, width, D]; padding attends to nothing
+    out = out * real[:, None, :, None].to(out.dtype)  # [B, Hq, width, D]; zero on padding, as per row
     if width < query.shape[2]:
         out = torch.nn.functional.pad(out, (0, 0, 0, query.shape[2] - width))
     return out.transpose(1, 2).contiguous()

@@ -95,7 +95,10 @@ def grpo_cfg(**overrides) -> GRPOConfig:
 
 
 def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, kill_at: int | None = None):
-    policy = TorchPolicy(task.varied_model(seed=3, std=0.1), torch.device("cpu"), temperature=1.0)
+    # seed 4: some sampled completions stop before 12 tokens, so cosine rewards differ within a
+    # group and the weights move (seed 3's all ran to 12 tokens once the tokenizer learned the
+    # chat roles: equal rewards, no gradient, and the kept step equalled the last)
+    policy = TorchPolicy(task.varied_model(seed=4, std=0.1), torch.device("cpu"), temperature=1.0)
     generator = TorchGenerator(policy.model, task.pad_id, max_rows=8)
     evaluation = ScriptedEvaluation(policy)
     checkpoints = KilledAtCheckpoint(stage_dir, task.tokenizer, cfg.keep_last_checkpoints, step=kill_at)
