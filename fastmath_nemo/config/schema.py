@@ -43,6 +43,8 @@ class SyntheticTaskConfig:
     max_operand: int = 99
     n_ops: int = 2
     max_checks: int = 3
+    # Relative weights of 0, 1, ..., max_checks self-checks per trace; null: uniform.
+    check_weights: Optional[list[float]] = None
 
 
 @dataclass

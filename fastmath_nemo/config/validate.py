@@ -24,6 +24,17 @@ def _positive(key: str, value: float) -> None:
         _error(key, f"must be > 0, got {value}")
 
 
+def _check_synthetic_weights(weights: list[float] | None, max_checks: int) -> None:
+    key = "data.synthetic.check_weights"
+    if weights is None:
+        return
+    if len(weights) != max_checks + 1:
+        _error(key, f"needs one weight per check count 0..{max_checks} (data.synthetic.max_checks), "
+                    f"got {len(weights)}: {list(weights)}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        _error(key, f"weights must be >= 0 with a positive sum, got {list(weights)}")
+
+
 def world_size_for(cfg: s.Config) -> int:
     """The ranks to validate for: ``run.plan_world_size`` in plan mode when set, else the
     launcher's WORLD_SIZE (1 outside torchrun)."""
@@ -100,6 +111,7 @@ def validate(cfg: s.Config) -> None:
         ("model.tiny.num_layers", cfg.model.tiny.num_layers),
     ]:
         _positive(key, value)
+    _check_synthetic_weights(cfg.data.synthetic.check_weights, cfg.data.synthetic.max_checks)
     if cfg.grpo.num_generations < 2:
         _error("grpo.num_generations", "GRPO needs at least 2 completions per prompt to form a group")
     if cfg.grpo.eps_low < 0 or cfg.grpo.eps_high < 0:

@@ -94,6 +94,12 @@ def make_trace(steps: list[tuple[int, str, int]], answer: int, n_checks: int, rn
     return "\n".join(lines)
 
 
+def _check_count(rng: random.Random, cfg: SyntheticTaskConfig) -> int:
+    if cfg.check_weights is None:
+        return rng.randint(0, cfg.max_checks)
+    return rng.choices(range(cfg.max_checks + 1), weights=cfg.check_weights)[0]
+
+
 def generate_splits(cfg: SyntheticTaskConfig) -> tuple[list[MathRecord], list[MathRecord]]:
     """(train, held_out): distinct problem texts, no expression shared between the splits."""
     rng = random.Random(cfg.seed)
@@ -108,7 +114,7 @@ def generate_splits(cfg: SyntheticTaskConfig) -> tuple[list[MathRecord], list[Ma
         if expr in seen:
             continue
         seen.add(expr)
-        trace = make_trace(steps, answer, rng.randint(0, cfg.max_checks), rng)
+        trace = make_trace(steps, answer, _check_count(rng, cfg), rng)
         problem = rng.choice(_TEMPLATES).format(expr=expr)
         records.append(MathRecord(problem=problem, answer=str(answer), trace=trace, source=f"synthetic:{len(records)}"))
     return records[: cfg.n_train], records[cfg.n_train :]

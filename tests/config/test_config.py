@@ -173,6 +173,8 @@ def test_invalid_choice_names_the_key_and_the_choices():
         (["sft.optimizer.betas=[0.9]"], "sft.optimizer.betas"),
         (["grpo.rewards=[{name: nope}]"], "grpo.rewards[0].name"),
         (["data.source=files"], "data.sft_path"),
+        (["data.synthetic.max_checks=2", "data.synthetic.check_weights=[1,1]"], "data.synthetic.check_weights"),
+        (["data.synthetic.max_checks=1", "data.synthetic.check_weights=[0,0]"], "data.synthetic.check_weights"),
     ],
 )
 def test_impossible_combinations_name_the_key(overrides, key):

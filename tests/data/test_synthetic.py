@@ -133,6 +133,13 @@ def test_check_count_is_between_zero_and_max_checks(splits):
     assert min(counts.values()) > 0.2 * len(splits[0])
 
 
+def test_check_weights_set_the_share_of_each_check_count():
+    train, _ = generate_splits(SyntheticTaskConfig(seed=7, n_train=4000, n_eval=10, max_checks=2, check_weights=[1, 0, 3]))
+    counts = Counter(sum(line.startswith(CHECK_OPENERS) for line in r.trace.split("\n")) for r in train)
+    assert counts[1] == 0
+    assert 0.72 < counts[2] / len(train) < 0.78, counts  # 3 / (1 + 0 + 3), +-6 standard deviations
+
+
 @pytest.mark.parametrize("max_checks", [2, 3])
 def test_traces_are_much_longer_than_the_shortest_correct_version(max_checks):
     train, _ = generate_splits(SyntheticTaskConfig(seed=99, n_train=1000, n_eval=10, max_checks=max_checks))
