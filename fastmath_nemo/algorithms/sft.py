@@ -70,10 +70,15 @@ def _all_step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> l
                 rows_per_batch=cfg.rows_per_step, seed=seed, epoch=epoch,
             )
         )
-    # Unpacked rows: group similar lengths (as HF's group_by_length) so little is padding.
     rng = random.Random(f"sft:{seed}:{epoch}")
     order = list(range(len(data.examples)))
     rng.shuffle(order)
+    if not cfg.group_by_length:
+        batches = [order[s : s + cfg.rows_per_step] for s in range(0, len(order), cfg.rows_per_step)]
+        return [unpacked_batch([data.examples[i] for i in rows], data.pad_id) for rows in batches]
+    # Group similar lengths (as HF's group_by_length) so little is padding. The price: where
+    # length follows a behaviour (here, the number of self-checks), each step teaches it one
+    # way only, and what the model ends with depends on the order of the last steps.
     window = cfg.rows_per_step * 16
     batches = []
     for w in range(0, len(order), window):
