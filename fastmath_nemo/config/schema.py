@@ -215,6 +215,7 @@ class GRPOConfig:
     heldout_token_budget: Optional[int] = None  # null: generation.max_tokens
     keep: str = "last"  # last | best: fewest held-out tokens with pass@1 within keep_tolerance of step 0
     keep_tolerance: float = 0.02  # pass@1 (a fraction) the kept step may lose against step 0
+    keep_tokens_tolerance: float = 0.01  # mean tokens this share above the fewest count as the fewest
 
 
 @dataclass

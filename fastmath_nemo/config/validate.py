@@ -254,6 +254,8 @@ def _validate_heldout(g: s.GRPOConfig) -> None:
         _error("grpo.keep", "'best' chooses by held-out evaluations: set grpo.eval_every_steps > 0")
     if not 0.0 <= g.keep_tolerance <= 1.0:
         _error("grpo.keep_tolerance", f"must be in [0, 1] (a share of pass@1), got {g.keep_tolerance}")
+    if not 0.0 <= g.keep_tokens_tolerance <= 1.0:
+        _error("grpo.keep_tokens_tolerance", f"must be in [0, 1] (a share of mean tokens), got {g.keep_tokens_tolerance}")
     if g.eval_every_steps > 0:
         _positive("grpo.heldout_problems", g.heldout_problems)
         _positive("grpo.heldout_n_samples", g.heldout_n_samples)

@@ -48,6 +48,19 @@ def test_best_falls_back_to_the_start_and_breaks_ties_by_accuracy():
     assert choose([H(0, 0.5, 90.0), H(5, 0.6, 50.0), H(10, 0.6, 50.0)], "best", 0.0, last_step=10)[0] == 10
 
 
+def test_near_equal_token_counts_go_to_the_more_accurate_step():
+    # Seed 1235's held-out evaluations (128 problems x 1 sample): step 20 was 0.03 tokens
+    # shorter than step 50 and 1.6 points less accurate.
+    history = [H(0, 1.0, 184.77), H(10, 0.992, 97.48), H(20, 0.984, 80.84), H(30, 0.984, 80.87),
+               H(40, 0.984, 80.87), H(50, 1.0, 80.87)]
+    assert choose(history, "best", 0.03, last_step=50, tokens_tolerance=0.0)[0] == 20
+    step, reason = choose(history, "best", 0.03, last_step=50, tokens_tolerance=0.01)
+    assert step == 50
+    assert "most accurate (100.0%) of the 4 evaluations within 1.0% of the fewest" in reason
+    # A step more than the tolerance longer does not count as the shortest, however accurate.
+    assert choose(history + [H(60, 1.0, 82.0)], "best", 0.03, last_step=60, tokens_tolerance=0.01)[0] == 50
+
+
 def test_history_must_start_at_step_0():
     with pytest.raises(AssertionError, match="step 0"):
         choose([H(5, 0.5, 10.0)], "best", 0.1, last_step=5)

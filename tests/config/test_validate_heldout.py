@@ -22,6 +22,7 @@ def _raises(overrides: list[str]) -> str:
         (["grpo.keep=best", "grpo.eval_every_steps=0"], "grpo.keep", "eval_every_steps > 0"),
         (["grpo.eval_every_steps=-1"], "grpo.eval_every_steps", ">= 0"),
         (["grpo.keep_tolerance=1.5"], "grpo.keep_tolerance", "[0, 1]"),
+        (["grpo.keep_tokens_tolerance=-0.1"], "grpo.keep_tokens_tolerance", "[0, 1]"),
         (["grpo.eval_every_steps=5", "grpo.heldout_problems=0"], "grpo.heldout_problems", "> 0"),
         (["grpo.eval_every_steps=5", "grpo.heldout_n_samples=0"], "grpo.heldout_n_samples", "> 0"),
         (["grpo.eval_every_steps=5", "grpo.heldout_token_budget=0"], "grpo.heldout_token_budget", "> 0"),
