@@ -162,9 +162,10 @@ class SFTConfig:
     rows_per_step: int = 32  # packed rows per optimizer step (split into micro-batches)
     max_seq_len: int = 1024
     packing: bool = True
-    # Unpacked rows only: batch rows of similar length (HF's group_by_length) so little is
-    # padding; false draws each step's rows at random (see _all_step_batches).
-    group_by_length: bool = True
+    # Unpacked rows only: true batches rows of similar length (HF's group_by_length), so little
+    # is padding; false (as in HF) draws each step's rows at random. With reasoning traces length
+    # follows behaviour (how often a trace re-checks itself): see the comment in conf/recipe.yaml.
+    group_by_length: bool = False
     eval_every_epoch: bool = False
     save_every_steps: int = 0  # 0: only at the end
     keep_last_checkpoints: int = 2
