@@ -73,18 +73,19 @@ def _all_step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> l
     rng = random.Random(f"sft:{seed}:{epoch}")
     order = list(range(len(data.examples)))
     rng.shuffle(order)
-    if not cfg.group_by_length:
-        batches = [order[s : s + cfg.rows_per_step] for s in range(0, len(order), cfg.rows_per_step)]
-        return [unpacked_batch([data.examples[i] for i in rows], data.pad_id) for rows in batches]
     # Group similar lengths (as HF's group_by_length) so little is padding. The price: where
     # length follows a behaviour (here, the number of self-checks), each step teaches it one
     # way only, and what the model ends with depends on the order of the last steps.
-    window = cfg.rows_per_step * 16
+    # Without grouping, the window is the whole shuffled epoch, unsorted.
+    window = cfg.rows_per_step * 16 if cfg.group_by_length else len(order)
     batches = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w : w + window], key=lambda i: len(data.examples[i][0]))
+        chunk = order[w : w + window]
+        if cfg.group_by_length:
+            chunk.sort(key=lambda i: len(data.examples[i][0]))
         batches += [chunk[s : s + cfg.rows_per_step] for s in range(0, len(chunk), cfg.rows_per_step)]
-    rng.shuffle(batches)
+    if cfg.group_by_length:
+        rng.shuffle(batches)
     return [unpacked_batch([data.examples[i] for i in rows], data.pad_id) for rows in batches]
 
 
