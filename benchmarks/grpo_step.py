@@ -43,7 +43,11 @@ def worker(root: str, generator: str, steps: int, threads: int, out: str) -> Non
 
     from fastmath_nemo import pipeline
     from fastmath_nemo.config import schema
-    from fastmath_nemo.config.loader import load_config
+
+    try:
+        from fastmath_nemo.preflight import load_config
+    except ImportError:  # a baseline from before the preflight module (3c0a983 and older)
+        from fastmath_nemo.config.loader import load_config  # type: ignore[attr-defined,no-redef]
     from fastmath_nemo.generation.torch_generator import TorchGenerator
     from fastmath_nemo.policy.torch_policy import TorchPolicy
 

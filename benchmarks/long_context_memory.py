@@ -84,7 +84,7 @@ def _grpo_batch(tokens: int):
     """2 rows of ``tokens``: a 512-token prompt, then a completion with one advantage each."""
     import torch
 
-    from fastmath_nemo.batch import Batch
+    from fastmath_nemo.batching.batch import Batch
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (GRPO_ROWS, tokens), generator=gen)
@@ -116,7 +116,7 @@ def child(spec: dict) -> dict:
     import torch
 
     from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, sft_loss
-    from fastmath_nemo.config.loader import load_config
+    from fastmath_nemo.preflight import load_config
     from fastmath_nemo.config.schema import OptimizerConfig
     from fastmath_nemo.pipeline import Run, load_policy
     from fastmath_nemo.utils.metrics_logger import MetricsLogger

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss  # noqa: E402
-from fastmath_nemo.algorithms.sft import split_rows  # noqa: E402
-from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
+from fastmath_nemo.batching.batch import batch_from_sequences  # noqa: E402
+from fastmath_nemo.batching.micro_batches import MicroBatching, micro_batches  # noqa: E402
 from fastmath_nemo.config.schema import OptimizerConfig, VLLMConfig  # noqa: E402
 from fastmath_nemo.data.chat import prompt_ids  # noqa: E402
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits  # noqa: E402
@@ -95,7 +95,7 @@ def bench(name: str, work: Path, repeats: int) -> None:
     batch = batch.with_fields(advantages=torch.randn(len(seqs)))
     policy.setup_optimizer(OptimizerConfig(lr=1e-6), 10)
     loss_fn = functools.partial(grpo_loss, cfg=GRPOLossConfig(beta=0.0))
-    t_train, _ = timed(lambda: policy.train_step(split_rows(batch, 16), loss_fn), 1)
+    t_train, _ = timed(lambda: policy.train_step(micro_batches(batch, MicroBatching(rows=16)), loss_fn), 1)
     t_refit, _ = timed(lambda: engine.update_weights(policy.export_weights()), repeats)
     engine.close()
 

@@ -52,8 +52,9 @@ def worker(folder: str, tp: int, prompts_n: int, n: int, tokens: int, repeats: i
     from transformers import AutoTokenizer
 
     from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss
-    from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals
-    from fastmath_nemo.batch import batch_from_sequences
+    from fastmath_nemo.batching.batch import batch_from_sequences
+    from fastmath_nemo.batching.micro_batches import MicroBatching, micro_batches
+    from fastmath_nemo.batching.step_totals import step_totals
     from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig, SyntheticTaskConfig, VLLMConfig
     from fastmath_nemo.data.chat import prompt_ids
     from fastmath_nemo.data.synthetic import generate_splits

@@ -15,7 +15,7 @@ Executors: :func:`local_executor` (``torchrun`` with N workers on this machine) 
 
 :class:`SlurmPreemption` carries ``launch/slurm/fastmath.sbatch``'s preemption settings onto a
 ``SlurmExecutor``: a signal before the time limit, the stop-file / preempted-file environment of
-``fastmath_nemo.utils.preemption``, torchrun shielded from the signal, and a requeue when (and
+``fastmath_nemo.checkpoint.preemption``, torchrun shielded from the signal, and a requeue when (and
 only when) the run recorded a checkpoint; the requeued job resumes (``resume=true``).
 """
 
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import nemo_run as run
 
-from fastmath_nemo.config.loader import load_config, to_yaml
-from fastmath_nemo.utils.preemption import PREEMPTED_FILE_ENV, STOP_FILE_ENV
+from fastmath_nemo.checkpoint.preemption import PREEMPTED_FILE_ENV, STOP_FILE_ENV
+from fastmath_nemo.config.loader import to_yaml
+from fastmath_nemo.preflight import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "launch" / "run.py"

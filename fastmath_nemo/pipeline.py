@@ -28,12 +28,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.checkpoint_choice import KEPT_FILE
 from fastmath_nemo.algorithms.grpo import run_grpo
-from fastmath_nemo.algorithms.micro_batches import MicroBatching
 from fastmath_nemo.algorithms.sft import run_sft, tokenize_sft
+from fastmath_nemo.batching.micro_batches import MicroBatching
 from fastmath_nemo.checkpoint.atomic import atomic_directory, atomic_write_json, atomic_write_text, is_complete, mark_complete
 from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.checkpoint.preemption import preemption_requested, raise_preempted
 from fastmath_nemo.config.loader import to_yaml
-from fastmath_nemo.config.schema import Config
+from fastmath_nemo.config.schema import Config, DataSource, GenerationBackend, PolicyBackend, Stage
 from fastmath_nemo.data.chat import resolve_chat_template
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.data.synthetic import generate_splits
@@ -49,7 +50,7 @@ from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
 from fastmath_nemo.utils.metric_sinks import MetricSink, build_sinks
 from fastmath_nemo.utils.metrics_logger import METRICS_FILENAME, MetricsLogger, read_metrics
-from fastmath_nemo.utils.preemption import preemption_requested, raise_preempted
+from fastmath_nemo.utils.topology import vllm_tensor_parallel_size
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ class Run:
 
 def load_task_data(cfg: Config) -> TaskData:
     d = cfg.data
-    heldout = cfg.grpo.heldout_problems if cfg.grpo.eval_every_steps > 0 and cfg.stage in ("recipe", "grpo") else 0
-    if d.source == "synthetic":
+    heldout = cfg.grpo.heldout_problems if cfg.grpo.eval_every_steps > 0 and cfg.stage in (Stage.recipe, Stage.grpo) else 0
+    if d.source == DataSource.synthetic:
         # The held-out slice is generated after the evaluation set, so that set and the
         # training set are the same problems as without it, and no problem is in two sets.
         train, held_out = generate_splits(dataclasses.replace(d.synthetic, n_eval=d.synthetic.n_eval + heldout))
@@ -152,28 +153,24 @@ def load_tokenizer(model_dir: Path, chat_template: str | None = None) -> PreTrai
     return tokenizer
 
 
-def micro_batching(run: Run) -> MicroBatching:
-    """``policy.micro_batch_rows`` / ``policy.max_tokens_per_micro_batch`` as the policies'
-    and the loops' micro-batch split."""
-    return MicroBatching(rows=run.cfg.policy.micro_batch_rows, max_tokens=run.cfg.policy.max_tokens_per_micro_batch)
-
-
-def load_policy(run: Run, model_dir: Path, temperature: float = 1.0, backend: str | None = None) -> Policy:
+def load_policy(run: Run, model_dir: Path, temperature: float = 1.0, backend: PolicyBackend | None = None) -> Policy:
     """``policy.backend``: a transformers model (torch) or a megatron-core GPTModel built from
-    the same Hugging Face folder (megatron)."""
+    the same Hugging Face folder (megatron). The policy holds the run's micro-batch split
+    (``policy.micro_batch_rows`` / ``max_tokens_per_micro_batch``), which the loops use too."""
     cfg = run.cfg.policy
-    if (backend or cfg.backend) == "megatron":
+    split = MicroBatching.of(cfg)
+    if (backend or cfg.backend) == PolicyBackend.megatron:
         from fastmath_nemo.policy.megatron.policy import MegatronPolicy  # megatron-core is optional
 
         return MegatronPolicy(model_dir, cfg.megatron, temperature=temperature, params_dtype=DTYPES[cfg.dtype],
                               seed=run.cfg.run.seed, logprob_chunk_tokens=cfg.logprob_chunk_tokens,
-                              packed_attention=cfg.packed_attention, micro_batching=micro_batching(run))
+                              packed_attention=cfg.packed_attention, micro_batching=split)
     model = load_pretrained(model_dir, "float32")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return TorchPolicy(model, run.device, temperature, DTYPES[cfg.dtype],
                        logprob_chunk_tokens=cfg.logprob_chunk_tokens, packed_attention=cfg.packed_attention,
-                       micro_batching=micro_batching(run))
+                       micro_batching=split)
 
 
 def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase,
@@ -182,15 +179,14 @@ def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase
     transformers copy loaded from ``model_dir`` (no policy, or a Megatron one); ``vllm`` builds
     a colocated engine from ``model_dir``. The caller refits both from the policy as it trains."""
     gen = run.cfg.generation
-    if gen.backend == "vllm":
-        from fastmath_nemo.config.validate import vllm_tensor_parallel_size
+    if gen.backend == GenerationBackend.vllm:
         from fastmath_nemo.generation.vllm_generator import VLLMGenerator  # vllm is optional
 
         # Under torchrun one engine per block of ranks, built by all ranks at once; no
         # transformers copy of the model on any rank (each engine loads its own shards).
         return VLLMGenerator(model_dir, gen.vllm, seed=run.cfg.run.seed,
                              tensor_parallel_size=vllm_tensor_parallel_size(run.cfg))
-    sampler = policy if isinstance(policy, TorchPolicy) else load_policy(run, model_dir, backend="torch")
+    sampler = policy if isinstance(policy, TorchPolicy) else load_policy(run, model_dir, backend=PolicyBackend.torch)
     return TorchGenerator(sampler.model, int(tokenizer.pad_token_id), max_rows=gen.max_rows,
                           compute_dtype=sampler.compute_dtype)
 
@@ -218,9 +214,8 @@ def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
                            samples_path=run.dir / "eval" / f"sft-epoch{epoch}@{budget}.samples.jsonl")
         return {"pass@1": summary["pass@1"], "mean_output_tokens": summary["mean_output_tokens"]}
 
-    run_sft(policy, sft_data, cfg.sft, checkpoints, run.metrics, seed=cfg.run.seed,
-            micro_batch_rows=cfg.policy.micro_batch_rows, max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
-            resume=cfg.resume, on_epoch_end=evaluate_epoch)
+    run_sft(policy, sft_data, cfg.sft, checkpoints, run.metrics, seed=cfg.run.seed, resume=cfg.resume,
+            on_epoch_end=evaluate_epoch)
     for generator in generators:
         generator.close()
     return checkpoints.final_dir
@@ -249,9 +244,7 @@ def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
                         samples_path=run.dir / "eval" / f"grpo-step{step}@{budget}.samples.jsonl")
 
     final = run_grpo(policy, generator, checkpoints.tokenizer, data.grpo, g, cfg.generation,
-                     cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed,
-                     micro_batch_rows=cfg.policy.micro_batch_rows,
-                     max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch, resume=cfg.resume,
+                     cfg.data.system_prompt, checkpoints, run.metrics, seed=cfg.run.seed, resume=cfg.resume,
                      evaluate_heldout=evaluate_heldout if data.grpo_heldout else None)
     generator.close()
     return final
@@ -322,7 +315,7 @@ def start_run(cfg: Config) -> Run:
 def run_stage(cfg: Config) -> dict[str, Any]:
     """Run ``cfg.stage``; returns what it produced (model folders, evaluation rows). With
     ``run.plan``: the per-GPU memory plan only (no process group, weights or run directory)."""
-    if cfg.stage == "export":  # one checkpoint in another format: no run directory, data or process group
+    if cfg.stage == Stage.export:  # one checkpoint in another format: no run directory, data or process group
         from fastmath_nemo.export import export_checkpoint
 
         return {"export": export_checkpoint(cfg.export)}
@@ -333,12 +326,12 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     run = start_run(cfg)
     data = load_task_data(cfg)
     out: dict[str, Any] = {}
-    if cfg.stage in ("recipe", "sft"):
+    if cfg.stage in (Stage.recipe, Stage.sft):
         out["sft"] = sft_stage(run, data, Path(cfg.sft.init_from) if cfg.sft.init_from else base_model_dir(run, data))
-    if cfg.stage in ("recipe", "grpo"):
+    if cfg.stage in (Stage.recipe, Stage.grpo):
         out["grpo"] = grpo_stage(run, data, Path(cfg.grpo.init_from) if cfg.grpo.init_from else out["sft"])
-    if cfg.stage in ("recipe", "eval"):
-        if cfg.stage == "eval":
+    if cfg.stage in (Stage.recipe, Stage.eval):
+        if cfg.stage == Stage.eval:
             models = {"model": Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else base_model_dir(run, data)}
         else:
             candidates = {"base": base_model_dir(run, data), **out}

@@ -6,17 +6,14 @@ Parses the configuration and dispatches to the stage; nothing else lives here.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
-
-from fastmath_nemo.config.loader import ConfigError, load_config  # noqa: E402
-from fastmath_nemo.config.validate import check_model_folders  # noqa: E402
-from fastmath_nemo.data.chat import ChatTemplateError  # noqa: E402
-from fastmath_nemo.data.loading import DataError  # noqa: E402
-from fastmath_nemo.pipeline import run_stage  # noqa: E402
-from fastmath_nemo.utils.distributed import destroy_distributed, setup_logging  # noqa: E402
-from fastmath_nemo.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, preemption_signals  # noqa: E402
+from fastmath_nemo.checkpoint.preemption import PREEMPTED_EXIT_CODE, Preempted, preemption_signals
+from fastmath_nemo.config.errors import ConfigError
+from fastmath_nemo.data.chat import ChatTemplateError
+from fastmath_nemo.data.loading import DataError
+from fastmath_nemo.pipeline import run_stage
+from fastmath_nemo.preflight import check_model_folders, load_config
+from fastmath_nemo.utils.distributed import destroy_distributed, setup_logging
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:

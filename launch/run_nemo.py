@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+import nemo_run as run
 
-import nemo_run as run  # noqa: E402
-
-from fastmath_nemo import nemo_run as fm  # noqa: E402
-from fastmath_nemo.config.loader import ConfigError  # noqa: E402
+from fastmath_nemo import nemo_run as fm
+from fastmath_nemo.config.errors import ConfigError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Test helper: the body of one gloo rank for tests/utils/test_preemption.py, in a module that
+"""Test helper: the body of one gloo rank for tests/checkpoint/test_preemption.py, in a module that
 imports nothing heavy (spawned ranks import it afresh; the test module pulls in transformers)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fastmath_nemo.utils.preemption import preemption_requested, preemption_signals
+from fastmath_nemo.checkpoint.preemption import preemption_requested, preemption_signals
 
 
 def two_ranks(rank: int, init_file: str, out_dir: str) -> None:

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from fastmath_nemo import pipeline  # noqa: E402
 from fastmath_nemo.checkpoint.manager import CheckpointManager  # noqa: E402
-from fastmath_nemo.config.loader import ConfigError, load_config  # noqa: E402
+from fastmath_nemo.preflight import ConfigError, load_config  # noqa: E402
 from fastmath_nemo.data import chat  # noqa: E402
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits  # noqa: E402
 from fastmath_nemo.data.tokenizer import CHAT_TEMPLATE, build_task_tokenizer  # noqa: E402
@@ -111,7 +111,7 @@ def test_bad_chat_template_fails_at_config_validation_naming_the_key(tmp_path: P
                                                                      reason: str) -> None:
     cfg = load_config("recipe", [*TINY, f"run.dir={tmp_path / 'run'}"])
     cfg.data.chat_template = make_value(tmp_path)
-    from fastmath_nemo.config.validate import validate
+    from fastmath_nemo.preflight import validate
 
     with pytest.raises(ConfigError, match=f"config key 'data.chat_template': .*{reason}"):
         validate(cfg)

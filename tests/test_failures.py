@@ -29,16 +29,18 @@ from safetensors.torch import load_file  # noqa: E402
 
 import fastmath_nemo.algorithms.sft as sft_module  # noqa: E402
 from fastmath_nemo.algorithms.sft import run_sft, tokenize_sft  # noqa: E402
+from fastmath_nemo.batching.micro_batches import MicroBatching  # noqa: E402
 from fastmath_nemo.checkpoint.atomic import is_complete, list_checkpoints  # noqa: E402
 from fastmath_nemo.checkpoint.manager import CheckpointManager  # noqa: E402
-from fastmath_nemo.config.loader import load_config  # noqa: E402
 from fastmath_nemo.config.schema import OptimizerConfig, SFTConfig  # noqa: E402
 from fastmath_nemo.data.loading import DataError  # noqa: E402
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits  # noqa: E402
 from fastmath_nemo.data.tokenizer import build_task_tokenizer, train_tokenizer  # noqa: E402
 from fastmath_nemo.pipeline import run_stage  # noqa: E402
 from fastmath_nemo.policy.models import TinyModelConfig, build_tiny_model, load_pretrained  # noqa: E402
-from fastmath_nemo.policy.torch_policy import NonFiniteLossError, TorchPolicy  # noqa: E402
+from fastmath_nemo.policy.optimization import NonFiniteLossError  # noqa: E402
+from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
+from fastmath_nemo.preflight import load_config  # noqa: E402
 from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics  # noqa: E402
 
 RUN_PY = ROOT / "launch" / "run.py"
@@ -101,11 +103,12 @@ def test_nan_loss_mid_sft_stops_run_and_keeps_last_checkpoint(tmp_path: Path, mo
 
     monkeypatch.setattr(sft_module, "sft_loss", nan_at_step)
     stage = tmp_path / "sft"
-    policy = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=1), torch.device("cpu"))
+    policy = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=1), torch.device("cpu"),
+                         micro_batching=MicroBatching(rows=micro_batch_rows))
     checkpoints = RecordingCheckpoints(stage, tokenizer, cfg.keep_last_checkpoints)
     with MetricsLogger(stage / "metrics.jsonl") as metrics:
         with pytest.raises(NonFiniteLossError) as excinfo:
-            run_sft(policy, data, cfg, checkpoints, metrics, seed=5, micro_batch_rows=micro_batch_rows)
+            run_sft(policy, data, cfg, checkpoints, metrics, seed=5)
     message = str(excinfo.value)
     assert "loss" in message and "nan" in message.lower(), message
 
@@ -134,10 +137,10 @@ def test_nan_loss_mid_sft_stops_run_and_keeps_last_checkpoint(tmp_path: Path, mo
     fresh = TorchPolicy(load_pretrained(last), torch.device("cpu"))
     fresh.setup_optimizer(cfg.optimizer, 6)
     assert fresh.load(last)["step"] == 4
-    resumed = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=99), torch.device("cpu"))
+    resumed = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=99), torch.device("cpu"),
+                          micro_batching=MicroBatching(rows=micro_batch_rows))
     with MetricsLogger(stage / "metrics.jsonl") as metrics:
-        run_sft(resumed, data, cfg, CheckpointManager(stage, tokenizer, 2), metrics, seed=5,
-                micro_batch_rows=micro_batch_rows, resume=True)
+        run_sft(resumed, data, cfg, CheckpointManager(stage, tokenizer, 2), metrics, seed=5, resume=True)
     assert [r["step"] for r in read_metrics(stage / "metrics.jsonl")][4:] == [5, 6]
     assert is_complete(stage / "final")
 

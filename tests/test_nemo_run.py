@@ -74,7 +74,7 @@ def test_recipes_validate_at_once_and_the_plugin_refuses_other_executors(tmp_pat
         import json
         import nemo_run as run
         from fastmath_nemo import nemo_run as fm
-        from fastmath_nemo.config.loader import ConfigError
+        from fastmath_nemo.config.errors import ConfigError
 
         out = {}
         try:

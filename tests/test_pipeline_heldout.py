@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fastmath_nemo.config.loader import load_config
+from fastmath_nemo.preflight import load_config
 from fastmath_nemo.pipeline import load_task_data
 
 SMALL = ["data.synthetic.n_train=300", "data.synthetic.n_eval=40"]

@@ -32,13 +32,15 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fastmath_nemo.algorithms.sft import run_sft, step_batches, tokenize_sft  # noqa: E402
+from fastmath_nemo.batching.micro_batches import MicroBatching  # noqa: E402
 from fastmath_nemo.checkpoint.atomic import is_complete, list_checkpoints  # noqa: E402
 from fastmath_nemo.checkpoint.manager import CheckpointManager  # noqa: E402
 from fastmath_nemo.config.schema import OptimizerConfig, SFTConfig  # noqa: E402
 from fastmath_nemo.data.synthetic import SyntheticTaskConfig, generate_splits  # noqa: E402
 from fastmath_nemo.data.tokenizer import train_tokenizer  # noqa: E402
 from fastmath_nemo.policy.models import TinyModelConfig, build_tiny_model, load_pretrained  # noqa: E402
-from fastmath_nemo.policy.torch_policy import TorchPolicy, cosine_with_warmup  # noqa: E402
+from fastmath_nemo.policy.optimization import cosine_with_warmup  # noqa: E402
+from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
 from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics  # noqa: E402
 from _sigkill import sigkill_after_checkpoint  # noqa: E402
 
@@ -262,7 +264,8 @@ def train(stage_dir: Path, tokenizer, data, cfg: SFTConfig, *, stop_after: int |
 
     Steps are split into micro-batches of 4 rows, so gradient accumulation is exercised too."""
     torch.manual_seed(0)
-    policy = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=11), torch.device("cpu"))
+    policy = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=11), torch.device("cpu"),
+                         micro_batching=MicroBatching(rows=4))
     if stop_after is not None:
         interrupt_after(policy, stop_after)
     metrics_path = stage_dir / "metrics.jsonl"
@@ -270,10 +273,10 @@ def train(stage_dir: Path, tokenizer, data, cfg: SFTConfig, *, stop_after: int |
     checkpoints = CheckpointManager(stage_dir, tokenizer, cfg.keep_last_checkpoints)
     with MetricsLogger(metrics_path) as metrics:
         if stop_after is None:
-            run_sft(policy, data, cfg, checkpoints, metrics, seed=SEED, micro_batch_rows=4, resume=resume)
+            run_sft(policy, data, cfg, checkpoints, metrics, seed=SEED, resume=resume)
         else:
             with pytest.raises(Interrupted):
-                run_sft(policy, data, cfg, checkpoints, metrics, seed=SEED, micro_batch_rows=4, resume=resume)
+                run_sft(policy, data, cfg, checkpoints, metrics, seed=SEED, resume=resume)
     return read_metrics(metrics_path)[n_before:]
 
 
@@ -325,10 +328,11 @@ def test_resume_cleans_up_checkpoint_left_half_deleted_by_a_crash(tmp_path: Path
 
     # The prune after step_3's save renames step_1 to .del-step_1-<pid> and "dies".
     monkeypatch.setattr(atomic.shutil, "rmtree", dies_while_deleting)
-    policy = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=11), torch.device("cpu"))
+    policy = TorchPolicy(build_tiny_model(MODEL_CFG, tokenizer, seed=11), torch.device("cpu"),
+                         micro_batching=MicroBatching(rows=4))
     with MetricsLogger(stage / "metrics.jsonl") as metrics, pytest.raises(Interrupted):
         run_sft(policy, data, cfg, CheckpointManager(stage, tokenizer, cfg.keep_last_checkpoints), metrics,
-                seed=SEED, micro_batch_rows=4)
+                seed=SEED)
     monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(stage / "checkpoints")] == [2, 3]
     assert any(p.name.startswith(atomic.DELETE_PREFIX) for p in (stage / "checkpoints").iterdir())

@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,10 +28,12 @@ from transformers import PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.advantages import group_advantages
 from fastmath_nemo.algorithms.checkpoint_choice import CheckpointChoice
-from fastmath_nemo.algorithms.losses import GRPOLossConfig, LossAggregation, grpo_loss, masked_sum
-from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals
-from fastmath_nemo.batch import Batch, batch_from_sequences
+from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, masked_sum
+from fastmath_nemo.batching.batch import Batch, batch_from_sequences
+from fastmath_nemo.batching.micro_batches import micro_batches
+from fastmath_nemo.batching.step_totals import step_totals
 from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.checkpoint.preemption import preemption_requested, stop_for_preemption
 from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig
 from fastmath_nemo.data.chat import prompt_ids
 from fastmath_nemo.data.records import MathRecord
@@ -42,7 +44,6 @@ from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
 from fastmath_nemo.rewards.verify import verify_many
 from fastmath_nemo.utils.distributed import all_gather_objects, all_reduce_data_parallel, is_rank0, shard
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
-from fastmath_nemo.utils.preemption import preemption_requested, stop_for_preemption
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ def score_rollouts(
     texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
     row_golds = [golds[p] for p in rollouts.prompt_index]
     correct = verify_many(texts, row_golds, cfg.verify_timeout_s)
-    unit = cast(Literal["tokens", "chars"], cfg.length_unit)  # a valid choice: config/validate.py checked it
-    lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], unit)
+    lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], cfg.length_unit)
     specs = [(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
     total, per_reward = compute_rewards(
         specs, texts, row_golds, lengths, rollouts.prompt_index, correct=correct, timeout_s=cfg.verify_timeout_s,
@@ -95,25 +95,23 @@ def run_grpo(
     metrics: MetricsLogger,
     *,
     seed: int,
-    micro_batch_rows: int,
-    max_tokens_per_micro_batch: int | None = None,
     resume: bool = False,
     evaluate_heldout: Callable[[int], dict[str, Any]] | None = None,
 ) -> Path:
     """GRPO for ``cfg.steps`` steps; returns the stage's output folder (the kept step's weights,
     ``algorithms.checkpoint_choice``: ``evaluate_heldout(step)`` evaluates the current weights
-    on the held-out slice at step 0, every ``cfg.eval_every_steps`` and the last step). Each step's rows on this rank are trained in micro-batches
-    of ``micro_batch_rows`` rows, or by a token budget of ``max_tokens_per_micro_batch`` (rows
-    sorted by length, ``algorithms.micro_batches``); ``cfg.loss_agg`` is normalised over the
-    whole step (all micro-batches, all data-parallel ranks), so the split never changes it."""
+    on the held-out slice at step 0, every ``cfg.eval_every_steps`` and the last step). Each
+    step's rows on this rank are trained in the micro-batches ``policy.micro_batching`` makes
+    (by rows, or by a token budget over rows sorted by length); ``cfg.loss_agg`` is normalised
+    over the whole step (all micro-batches, all data-parallel ranks), so the split never
+    changes it."""
     prompts = [prompt_ids(tokenizer, r.problem, system_prompt) for r in records]
     golds = [r.answer for r in records]
     loss_cfg = GRPOLossConfig(
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-        loss_agg=cast(LossAggregation, cfg.loss_agg),  # a valid choice: config/validate.py checked it
+        loss_agg=cfg.loss_agg,
         norm_length=gen_cfg.max_tokens, tis_cap=cfg.tis_cap,
     )
-    split = MicroBatching(rows=micro_batch_rows, max_tokens=max_tokens_per_micro_batch)
     policy.setup_optimizer(cfg.optimizer, cfg.steps * cfg.updates_per_batch)
     choice = CheckpointChoice(cfg, evaluate_heldout, checkpoints, metrics)
     start = 0
@@ -169,7 +167,7 @@ def run_grpo(
         t_logprobs = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        micro = micro_batches(batch, split)
+        micro = micro_batches(batch, policy.micro_batching)
         # the step's totals over every rank's rows: each micro-batch's loss is its share
         loss_fn = functools.partial(grpo_loss, cfg=loss_cfg, totals=step_totals(micro))
         for _ in range(cfg.updates_per_batch):

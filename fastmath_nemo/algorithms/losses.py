@@ -1,7 +1,7 @@
 """SFT and GRPO losses as pure tensor functions (no model, no distributed code).
 
 Shapes: ``B`` rows, ``T`` tokens per row. ``logprobs[b, t] = log p(input_ids[b, t] | prefix)``
-and ``loss_mask[b, t] = 1`` on target tokens (see :mod:`fastmath_nemo.batch`).
+and ``loss_mask[b, t] = 1`` on target tokens (see :mod:`fastmath_nemo.batching.batch`).
 
 Every loss has the :data:`fastmath_nemo.policy.base.LossFn` shape
 ``(logprobs[B, T], batch) -> (scalar loss, metrics)``; bind extra arguments with
@@ -16,7 +16,7 @@ value nor the backward pass can see them.
 
 **The step contract** (how micro-batches and data-parallel ranks add up). An optimizer step
 is ``M_r`` micro-batches on each data-parallel rank ``r``. The training loop computes the
-step's :class:`StepTotals` over all of them (``micro_batches.step_totals``, a collective) and
+step's :class:`StepTotals` over all of them (``batching.step_totals.step_totals``, a collective) and
 binds them, e.g. ``functools.partial(grpo_loss, cfg=cfg, totals=totals)``. Every loss is then
 its micro-batch's *share*: a sum over the micro-batch's tokens (or sequences) divided by a
 step total, so that
@@ -27,7 +27,7 @@ exactly, whatever the split. Policies therefore SUM micro-batch losses (their gr
 over micro-batches and data-parallel ranks, cancelling the averaging that DDP (over ranks)
 and megatron (over ranks and micro-batches) would apply. Metrics obey the same rule: each
 is a share of the step's value, summed the same way, except keys ending in ``_max``, which
-are maxima (``micro_batches.reduce_step_metrics``). Without totals a loss normalises over
+are maxima (``batching.step_totals.reduce_step_metrics``). Without totals a loss normalises over
 its own micro-batch (``StepTotals.of`` its mask): that is the step's loss only when the step
 is one micro-batch on one rank (direct calls, unit tests).
 """
@@ -35,14 +35,12 @@ is one micro-batch on one rank (direct calls, unit tests).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
-from fastmath_nemo.batch import Batch
-
-LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
+from fastmath_nemo.batching.batch import Batch
+from fastmath_nemo.batching.step_totals import StepTotals
+from fastmath_nemo.config.schema import LossAggregation
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -65,35 +63,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     count = mask.to(x.dtype)
     count = count.sum() if dim is None else count.sum(dim=dim)
     return masked_sum(x, mask, dim) / count.clamp_min(1.0)
-
-
-@dataclass(frozen=True)
-class StepTotals:
-    """Counts over a whole optimizer step (every micro-batch on every data-parallel rank),
-    the denominators of every loss aggregation.
-
-    target_tokens: ``sum_{b,t} m[b, t]``, target tokens (token-mean's denominator).
-    sequences: rows with at least one target (seq-mean-token-mean's).
-    rows: all rows, with or without targets (Dr.GRPO's ``B``; padding rows a backend adds
-        are not rows of the step).
-    longest: the widest micro-batch in tokens (Dr.GRPO's ``T`` when no norm_length is set).
-    """
-
-    target_tokens: float
-    sequences: float
-    rows: float
-    longest: int
-
-    @classmethod
-    def of(cls, mask: torch.Tensor) -> "StepTotals":
-        """The totals of one ``mask[B, T]`` alone (local normalisation)."""
-        rows, width = mask.shape
-        return cls(
-            target_tokens=float(mask.float().sum()),
-            sequences=float((mask != 0).any(dim=-1).sum()),
-            rows=float(rows),
-            longest=int(width),
-        )
 
 
 def aggregate_loss(
@@ -141,7 +110,7 @@ def aggregate_loss(
         if length <= 0:
             raise ValueError(f"norm_length must be positive, got {length}")
         return masked_sum(per_token_loss, mask) / (max(totals.rows, 1.0) * length)
-    valid = ", ".join(LOSS_AGGREGATIONS)
+    valid = ", ".join(LossAggregation)
     raise ValueError(f"unknown loss aggregation {mode!r}; valid modes: {valid}")
 
 
@@ -222,7 +191,7 @@ class GRPOLossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.04
-    loss_agg: LossAggregation = "token-mean"
+    loss_agg: LossAggregation = LossAggregation["token-mean"]
     norm_length: int | None = None
     tis_cap: float | None = None
 
@@ -233,9 +202,9 @@ class GRPOLossConfig:
             raise ValueError(f"eps_high must be >= 0, got {self.eps_high}")
         if self.beta < 0.0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.loss_agg not in LOSS_AGGREGATIONS:
+        if self.loss_agg not in tuple(LossAggregation):  # a direct caller's string (a config's is an enum)
             raise ValueError(
-                f"unknown loss_agg {self.loss_agg!r}; valid modes: {', '.join(LOSS_AGGREGATIONS)}"
+                f"unknown loss_agg {self.loss_agg!r}; valid modes: {', '.join(LossAggregation)}"
             )
         if self.norm_length is not None and self.norm_length <= 0:
             raise ValueError(f"norm_length must be positive, got {self.norm_length}")

@@ -19,17 +19,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fastmath_nemo.algorithms.losses import sft_loss
-from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals
-from fastmath_nemo.batch import Batch
+from fastmath_nemo.batching.batch import Batch
+from fastmath_nemo.batching.micro_batches import micro_batches
+from fastmath_nemo.batching.step_totals import step_totals
 from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.checkpoint.preemption import preemption_requested, stop_for_preemption
 from fastmath_nemo.config.schema import SFTConfig
 from fastmath_nemo.data.chat import sft_example
-from fastmath_nemo.data.packing import Example, fit_to_length, packed_micro_batches, unpacked_batch
+from fastmath_nemo.data.packing import Example, fit_to_length, packed_step_batches, unpacked_batch
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.utils.distributed import data_parallel_rank, data_parallel_size, is_rank0
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
-from fastmath_nemo.utils.preemption import preemption_requested, stop_for_preemption
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 25  # steps between console summaries (metrics.jsonl gets every step)
@@ -65,9 +66,9 @@ def step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[B
 def _all_step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> list[Batch]:
     if cfg.packing:
         return list(
-            packed_micro_batches(
+            packed_step_batches(
                 data.examples, max_len=cfg.max_seq_len, pad_id=data.pad_id,
-                rows_per_batch=cfg.rows_per_step, seed=seed, epoch=epoch,
+                rows_per_step=cfg.rows_per_step, seed=seed, epoch=epoch,
             )
         )
     rng = random.Random(f"sft:{seed}:{epoch}")
@@ -89,10 +90,6 @@ def _all_step_batches(data: SFTData, cfg: SFTConfig, seed: int, epoch: int) -> l
     return [unpacked_batch([data.examples[i] for i in rows], data.pad_id) for rows in batches]
 
 
-def split_rows(batch: Batch, rows: int) -> list[Batch]:
-    return [batch.select(slice(i, i + rows)) for i in range(0, batch.num_rows, rows)]
-
-
 def local_rows(batch: Batch) -> Batch:
     """This rank's rows of a step batch: equal shares (remainder dropped) for DDP."""
     n = data_parallel_size()
@@ -108,15 +105,12 @@ def run_sft(
     metrics: MetricsLogger,
     *,
     seed: int,
-    micro_batch_rows: int,
-    max_tokens_per_micro_batch: int | None = None,
     resume: bool = False,
     on_epoch_end: Callable[[int], dict[str, float]] | None = None,
 ) -> None:
-    """SFT for ``cfg.epochs`` epochs. Each step's rows on this rank become micro-batches of
-    ``micro_batch_rows`` rows, or by a token budget of ``max_tokens_per_micro_batch``
-    (``algorithms.micro_batches``); the loss is the token mean over the whole step."""
-    split = MicroBatching(rows=micro_batch_rows, max_tokens=max_tokens_per_micro_batch)
+    """SFT for ``cfg.epochs`` epochs. Each step's rows on this rank become micro-batches as
+    ``policy.micro_batching`` says (by rows or by a token budget); the loss is the token mean
+    over the whole step."""
     steps_per_epoch = len(step_batches(data, cfg, seed, 0))
     total_steps = cfg.epochs * steps_per_epoch
     policy.setup_optimizer(cfg.optimizer, total_steps)
@@ -135,7 +129,7 @@ def run_sft(
         batches = step_batches(data, cfg, seed, epoch)
         for batch in batches[step - epoch * steps_per_epoch :]:
             local = local_rows(batch)
-            micro = micro_batches(local, split)
+            micro = micro_batches(local, policy.micro_batching)
             # sft_loss divides by the step's target tokens (all micro-batches, all ranks) and
             # train_step sums the shares: the exact token mean of the rows trained in this step.
             result = policy.train_step(micro, functools.partial(sft_loss, totals=step_totals(micro)))

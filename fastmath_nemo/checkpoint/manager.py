@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
@@ -18,10 +18,20 @@ from fastmath_nemo.checkpoint.atomic import (
     prune_checkpoints,
     remove_stale,
 )
-from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0
 
 logger = logging.getLogger(__name__)
+
+
+class Checkpointable(Protocol):
+    """What the manager needs of a policy (``policy.base.Policy`` has it): a save into a folder."""
+
+    # True when every rank holds a shard of the weights and must take part in save() (megatron);
+    # False when rank 0 holds all of them (the manager then saves on rank 0 alone).
+    saves_collectively: bool
+
+    def save(self, directory: Path, extra_state: dict[str, Any] | None = None, weights_only: bool = False) -> None:
+        ...
 
 
 class CheckpointManager:
@@ -35,7 +45,7 @@ class CheckpointManager:
             for path in remove_stale(self.root) + remove_stale(self.stage_dir):
                 logger.warning("removed %s, left by a killed run", path)
 
-    def _write(self, policy: Policy, target: Path, state: dict[str, Any], weights_only: bool = False) -> None:
+    def _write(self, policy: Checkpointable, target: Path, state: dict[str, Any], weights_only: bool = False) -> None:
         """Rank 0 writes; every rank waits until the directory is complete. A policy whose
         weights are sharded over ranks (``saves_collectively``) is saved by every rank into
         rank 0's temporary directory, which is then completed and renamed as usual."""
@@ -52,7 +62,7 @@ class CheckpointManager:
                 mark_complete(tmp)
         barrier()
 
-    def save(self, policy: Policy, step: int, state: dict[str, Any]) -> Path:
+    def save(self, policy: Checkpointable, step: int, state: dict[str, Any]) -> Path:
         target = self.root / f"step_{step}"
         self._write(policy, target, {**state, "step": step})
         if is_rank0():
@@ -60,7 +70,7 @@ class CheckpointManager:
         logger.info("checkpoint saved: %s", target)
         return target
 
-    def save_as(self, policy: Policy, target: Path, state: dict[str, Any]) -> Path:
+    def save_as(self, policy: Checkpointable, target: Path, state: dict[str, Any]) -> Path:
         """A complete weights-only checkpoint at ``target`` (no optimizer state), outside the
         pruned ``step_N`` series (the GRPO stage's kept-checkpoint candidates,
         ``algorithms.checkpoint_choice``)."""
@@ -68,7 +78,7 @@ class CheckpointManager:
         logger.info("checkpoint saved: %s", target)
         return Path(target)
 
-    def save_final(self, policy: Policy, state: dict[str, Any]) -> Path:
+    def save_final(self, policy: Checkpointable, state: dict[str, Any]) -> Path:
         self._write(policy, self.final_dir, state)
         logger.info("final model saved: %s", self.final_dir)
         return self.final_dir

@@ -1,5 +1,8 @@
-"""Load ``conf/NAME.yaml`` (with ``defaults:`` inheritance), apply dotlist overrides, and
-validate into the typed ``Config`` before any work starts."""
+"""Parse ``conf/NAME.yaml`` (with ``defaults:`` inheritance) and dotlist overrides into the
+typed ``Config``: unknown keys, wrong types and values outside an enumeration fail here,
+naming the key. What else must hold is checked by ``config/validate.py`` (what the config
+alone decides) and ``fastmath_nemo.preflight`` (what this machine, the world size and the
+implementations decide), which also loads: ``preflight.load_config`` is what callers use."""
 
 from __future__ import annotations
 
@@ -10,14 +13,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fastmath_nemo.config.errors import ConfigError
 from fastmath_nemo.config.schema import Config
-from fastmath_nemo.config.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the offending key."""
+# OmegaConf's wording of a value outside an enumeration (the same in 2.3 and 2.4).
+_NOT_A_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<choices>.*)\]")
 
 
 def _read_yaml(name_or_path: str, conf_dir: Path, chain: tuple[str, ...] = ()) -> DictConfig:
@@ -49,15 +50,21 @@ def _apply_override(merged: DictConfig, item: str) -> None:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]), resolve=False)["value"]
         OmegaConf.update(merged, re.sub(r"\[(\d+)\]", r".\1", key), value, merge=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"config key '{key}': {_reason(err)}") from None
+        full = getattr(err, "full_key", None)  # deeper than the override's key: a list item
+        raise ConfigError(f"config key '{full if isinstance(full, str) and full.startswith(key) else key}': "
+                          f"{_reason(err)}") from None
 
 
 def _reason(err: OmegaConfBaseException) -> str:
-    return getattr(err, "msg", None) or str(err).splitlines()[0] or type(err).__name__
+    reason = getattr(err, "msg", None) or str(err).splitlines()[0] or type(err).__name__
+    if choice := _NOT_A_CHOICE.match(reason):  # worded as the other checks word a bad choice
+        return f"{choice['value']!r} is not one of {choice['choices']}"
+    return reason
 
 
-def load_config(name: str = "recipe", overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Config:
-    """Merge schema defaults <- conf/NAME.yaml (and its defaults) <- overrides; validate."""
+def parse_config(name: str = "recipe", overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Config:
+    """Merge schema defaults <- conf/NAME.yaml (and its defaults) <- overrides, typed; not yet
+    validated (``preflight.load_config`` parses and validates)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(name, conf_dir))
     except OmegaConfBaseException as err:
@@ -69,7 +76,6 @@ def load_config(name: str = "recipe", overrides: list[str] | None = None, conf_d
         cfg.interpolations = {key: (written, _plain(merged, key)) for key, written in _interpolations(merged)}
     except OmegaConfBaseException as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', None)}': {_reason(err)}") from None
-    validate(cfg)
     return cfg
 
 

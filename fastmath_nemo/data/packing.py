@@ -1,29 +1,10 @@
-"""Pack tokenized ``(ids, target_mask)`` examples into ``Batch`` rows, and the attention mask
-that keeps packed documents apart.
+"""Pack tokenized ``(ids, target_mask)`` examples into ``Batch`` rows.
 
-Layout follows ``fastmath_nemo.batch``: ``position_ids`` restart at 0 per document,
+Layout follows ``fastmath_nemo.batching.batch``: ``position_ids`` restart at 0 per document,
 ``document_ids`` are 1.. per row and 0 on padding, and ``loss_mask`` is the target mask with
 each document's first token forced to 0 (its logprob would be conditioned on the previous
-document, which it cannot see).
-
-Attention masks for Hugging Face models (checked against transformers 5.19,
-``masking_utils._preprocess_mask_arguments``): a 4D ``attention_mask`` of shape
-``[B, 1, T, T]`` is passed to the attention kernels as-is, without conversion. What it must
-contain depends on ``attn_implementation``:
-
-- ``"sdpa"``: a bool mask (True = may attend) or an additive float mask, both work.
-- ``"eager"``: only an additive float mask (0 = attend, ``finfo(dtype).min`` = blocked) in the
-  model's dtype. Eager *adds* the mask to the scores, so a bool mask silently becomes
-  +1 / +0 and attends across documents.
-
-``document_attention_mask(document_ids, dtype=model.dtype)`` gives the additive form, which is
-right for both, with or without a KV cache (tests/data/test_packing.py checks sdpa and eager
-against per-document runs). ``"flash_attention_2"`` / ``"flex_attention"`` take no dense 4D
-mask; there, pass ``attention_mask=None`` with the restarting ``position_ids`` and let
-transformers derive the documents (not checked here: no GPU kernels in the CPU tests). For
-sdpa / eager that implicit path works only with ``use_cache=False``: the detection is skipped
-whenever a cache exists and ``use_cache`` defaults to True (also in train mode), which silently
-attends across documents. A dense mask costs ``B * T * T`` elements.
+document, which it cannot see). How attention keeps the documents apart, in each backend's
+form, is :mod:`fastmath_nemo.batching.documents`.
 """
 
 from __future__ import annotations
@@ -35,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from fastmath_nemo.batch import Batch, batch_from_sequences
+from fastmath_nemo.batching.batch import Batch, batch_from_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +25,9 @@ PackMethod = Literal["ffd", "sequential"]
 
 __all__ = [
     "Example",
-    "document_attention_mask",
     "fit_to_length",
     "pack_examples",
-    "packed_micro_batches",
+    "packed_step_batches",
     "plan_rows",
     "rows_to_batch",
     "unpacked_batch",
@@ -142,7 +122,7 @@ def rows_to_batch(
     """One packed row per entry of ``rows`` (indices into ``examples``), right-padded.
 
     pad_to: row width ``T`` (e.g. ``max_len`` for static shapes); default the longest row.
-    Returns a ``Batch`` with every field ``[len(rows), T]``; layout as in ``fastmath_nemo.batch``.
+    Returns a ``Batch`` with every field ``[len(rows), T]``; layout as in ``fastmath_nemo.batching.batch``.
     """
     if not rows:
         raise ValueError("no rows to batch")
@@ -196,12 +176,12 @@ def unpacked_batch(examples: Sequence[Example], pad_id: int) -> Batch:
     return batch_from_sequences([list(ids) for ids, _ in examples], [list(m) for _, m in examples], pad_id)
 
 
-def packed_micro_batches(
+def packed_step_batches(
     examples: Sequence[Example],
     *,
     max_len: int,
     pad_id: int,
-    rows_per_batch: int,
+    rows_per_step: int,
     seed: int = 0,
     epoch: int = 0,
     shuffle: bool = True,
@@ -210,53 +190,24 @@ def packed_micro_batches(
     method: PackMethod = "ffd",
     pad_to_max_len: bool = False,
 ) -> Iterator[Batch]:
-    """Pack ``examples`` into rows, then yield micro-batches of ``rows_per_batch`` rows.
+    """Pack ``examples`` into rows, then yield one optimizer step's batch of ``rows_per_step``
+    rows at a time (the loop splits each into micro-batches, ``batching.micro_batches``).
 
     The packing is deterministic; the order of the rows is shuffled with a generator seeded by
-    ``(seed, epoch)``, so each epoch sees a different, reproducible order. Each micro-batch is
+    ``(seed, epoch)``, so each epoch sees a different, reproducible order. Each step batch is
     padded to its own longest row (or to ``max_len`` with ``pad_to_max_len``). The last, smaller
-    micro-batch is yielded unless ``drop_last``.
+    step batch is yielded unless ``drop_last``.
     """
-    if rows_per_batch < 1:
-        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    if rows_per_step < 1:
+        raise ValueError(f"rows_per_step must be >= 1, got {rows_per_step}")
     fitted = fit_to_length(examples, max_len, truncate=truncate)
     rows = plan_rows([len(ids) for ids, _ in fitted], max_len, method=method)
     if shuffle:
         # A string seed is hashed deterministically (unlike tuples), and seed/epoch pairs
         # such as (0, 1) and (1, 0) do not collide as they would with seed + epoch.
         random.Random(f"fastmath_nemo.packing:{seed}:{epoch}").shuffle(rows)
-    for start in range(0, len(rows), rows_per_batch):
-        group = rows[start : start + rows_per_batch]
-        if drop_last and len(group) < rows_per_batch:
+    for start in range(0, len(rows), rows_per_step):
+        group = rows[start : start + rows_per_step]
+        if drop_last and len(group) < rows_per_step:
             return
         yield rows_to_batch(fitted, group, pad_id, pad_to=max_len if pad_to_max_len else None)
-
-
-def document_attention_mask(document_ids: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Causal, document-local attention mask for packed rows.
-
-    document_ids: LongTensor[B, T] (0 = padding, 1.. = document within the row).
-    Returns ``[B, 1, T, T]`` (query t, key s): query t may attend key s iff both are in the same
-    nonzero document and ``s <= t``. A padding query attends only to itself, so no query row is
-    fully blocked (that would make softmax produce NaN).
-
-    dtype None: BoolTensor, True = may attend (accepted by SDPA).
-    dtype given: additive mask in that dtype, 0 = attend, ``torch.finfo(dtype).min`` = blocked
-        (accepted by both SDPA and eager; pass the model's dtype). Use it as
-        ``model(input_ids, position_ids=..., attention_mask=mask)``.
-    """
-    if document_ids.dim() != 2:
-        raise ValueError(f"document_ids must be [B, T], got shape {tuple(document_ids.shape)}")
-    t = document_ids.shape[1]
-    device = document_ids.device
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T_q, T_k]
-    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    is_token = (document_ids != 0)[:, :, None]
-    self_only = torch.eye(t, dtype=torch.bool, device=device)
-    allowed = ((same_doc & causal & is_token) | (self_only & ~is_token))[:, None]
-    if dtype is None:
-        return allowed
-    if not dtype.is_floating_point:
-        raise ValueError(f"an additive mask needs a floating dtype, got {dtype}")
-    blocked = torch.finfo(dtype).min
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, blocked)

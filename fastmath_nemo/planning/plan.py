@@ -23,10 +23,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastmath_nemo.config.loader import ConfigError
+from fastmath_nemo.config.errors import ConfigError
 from fastmath_nemo.config.schema import Config
-from fastmath_nemo.config.validate import vllm_tensor_parallel_size, world_size_for
 from fastmath_nemo.planning import memory as m
+from fastmath_nemo.utils.topology import vllm_tensor_parallel_size, world_size_for
 
 # An H100 SXM 80GB as torch.cuda reports it; the default GPU of a plan made without one.
 H100_80GB_BYTES = 85_520_809_984

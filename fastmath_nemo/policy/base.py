@@ -8,7 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
-from fastmath_nemo.batch import Batch
+from fastmath_nemo.batching.batch import Batch
+from fastmath_nemo.batching.micro_batches import MicroBatching
 from fastmath_nemo.config.schema import OptimizerConfig
 
 # (logprobs[B, T], batch) -> (scalar loss, metrics). Pure; see fastmath_nemo/algorithms/losses.py.
@@ -24,6 +25,9 @@ class Policy(Protocol):
     # True when every rank holds a shard of the weights and must take part in save() (megatron);
     # False when rank 0 holds all of them (CheckpointManager then saves on rank 0 alone).
     saves_collectively: bool
+    # How a step's rows are split into micro-batches (by rows or by a token budget): the policy's
+    # logprobs passes and the stage loops' training steps use this one (MicroBatching.of(cfg.policy)).
+    micro_batching: MicroBatching
 
     def setup_optimizer(self, cfg: OptimizerConfig, total_steps: int) -> None:
         """AdamW and the warmup + cosine LR schedule over ``total_steps`` optimizer steps;
@@ -32,8 +36,7 @@ class Policy(Protocol):
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
         """Per-token logprobs [B, T] (see Batch for alignment), without gradients, in the
-        batch's row order, computed in the policy's configured micro-batches
-        (``algorithms.micro_batches.MicroBatching``: by rows or by a token budget)."""
+        batch's row order, computed in the policy's ``micro_batching``."""
         ...
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
@@ -41,7 +44,7 @@ class Policy(Protocol):
 
         The step contract (``algorithms/losses.py``): ``loss_fn`` returns each micro-batch's
         share of the step's loss, normalised by totals over the whole step (bound by the
-        caller, ``micro_batches.step_totals``). The gradient is the SUM of the shares over
+        caller, ``batching.step_totals.step_totals``). The gradient is the SUM of the shares over
         micro-batches and data-parallel ranks: implementations cancel their framework's
         averaging (DDP's mean over ranks, megatron's over ranks and micro-batches), so the
         step is the same however its rows are split. Returns the loss metrics summed the same

@@ -36,6 +36,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from fastmath_nemo.batching.documents import document_spans
+
 logger = logging.getLogger(__name__)
 
 PER_DOCUMENT_ATTENTION = "fastmath_per_document"
@@ -58,29 +60,6 @@ def is_document_marker(mask: Any) -> bool:
         and not mask.dtype.is_floating_point
         and mask.dtype != torch.bool
     )
-
-
-def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """LongTensor[B, T] -> per row, the ``(start, end)`` token range of each document in order.
-
-    Documents must be contiguous runs (as ``data/packing.py`` builds them); a document id
-    that appears in two runs would be attended as two documents, so it is an error.
-    """
-    ids = document_ids.cpu()
-    b, t = ids.shape
-    starts = torch.ones(b, t, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    spans: list[list[tuple[int, int]]] = []
-    for row in range(b):
-        begin = starts[row].nonzero().squeeze(-1).tolist()
-        ends = begin[1:] + [t]
-        labels = ids[row, begin].tolist()
-        row_spans = [(s, e) for s, e, doc in zip(begin, ends, labels) if doc != 0]
-        docs = [doc for doc in labels if doc != 0]
-        if len(docs) != len(set(docs)):
-            raise ValueError(f"row {row}: a document is split into several runs (document ids {labels})")
-        spans.append(row_spans)
-    return spans
 
 
 def _masked_gqa_on_cpu(query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict[str, Any]) -> bool:

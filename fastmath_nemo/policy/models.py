@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
-from fastmath_nemo.config.schema import DTYPES as DTYPE_NAMES
-from fastmath_nemo.config.schema import TinyModelConfig  # defined with the config
+from fastmath_nemo.config.schema import DType, TinyModelConfig  # defined with the config
 
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
+DTYPES = {d.value: getattr(torch, d.value) for d in DType}  # config name -> torch dtype
 
 
 def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:

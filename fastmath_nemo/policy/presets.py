@@ -55,6 +55,20 @@ def preset_source(name: str) -> Path:
     return path
 
 
+def preset_error(name: str, cache_dir: str | Path) -> str | None:
+    """Why preset ``name`` cannot be loaded here, or None. A preset needs its PyPI package only
+    until it has been converted once into ``cache_dir``."""
+    if name not in PRESETS:
+        return f"{name!r} is not one of {', '.join(PRESETS)}"
+    if is_complete(Path(cache_dir).expanduser() / name):
+        return None
+    try:
+        preset_source(name)
+    except PresetUnavailableError as e:
+        return str(e)
+    return None
+
+
 def preset_model_dir(name: str, cache_dir: str | Path) -> Path:
     """A Hugging Face folder for preset ``name``, converted on first use (atomically, so an
     interrupted conversion is redone rather than half-read)."""

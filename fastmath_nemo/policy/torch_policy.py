@@ -23,14 +23,16 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from fastmath_nemo.algorithms.micro_batches import MicroBatching, merge_rows, reduce_step_metrics, split_batch
-from fastmath_nemo.batch import Batch
+from fastmath_nemo.batching.batch import Batch
+from fastmath_nemo.batching.documents import document_attention_mask, has_padding, is_packed
+from fastmath_nemo.batching.micro_batches import MicroBatching, merge_rows, split_batch
+from fastmath_nemo.batching.step_totals import reduce_step_metrics
 from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, load_trainer_state
-from fastmath_nemo.config.schema import OptimizerConfig
-from fastmath_nemo.data.packing import document_attention_mask
+from fastmath_nemo.config.schema import OptimizerConfig, PackedAttention
 from fastmath_nemo.policy.base import LossFn
 from fastmath_nemo.policy.document_attention import document_marker, enable_per_document_attention
 from fastmath_nemo.policy.hf_logprobs import TokenLogprobs
+from fastmath_nemo.policy.optimization import NonFiniteLossError, cosine_with_warmup
 from fastmath_nemo.utils.distributed import world_size
 
 logger = logging.getLogger(__name__)
@@ -43,25 +45,13 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised before the optimizer step, so the weights and the last checkpoint stay good."""
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 class TorchPolicy:
     """``compute_dtype=bfloat16`` runs forwards under autocast while the weights and AdamW
     states stay in float32 (mixed precision, as HF Trainer's ``bf16=True``).
 
     logprob_chunk_tokens: tokens per logits chunk (0 = whole rows, the ``[B, T, V]`` baseline).
-    packed_attention: ``"per_document"`` or ``"dense"`` (see the module docstring).
-    micro_batching: how ``logprobs`` splits a batch (default: 16 rows at a time).
+    packed_attention: ``per_document`` or ``dense`` (see the module docstring).
+    micro_batching: how ``logprobs`` and the stage loops split a batch (default: 16 rows at a time).
     """
 
     saves_collectively = False  # the whole model is on every rank: rank 0 saves alone
@@ -74,20 +64,19 @@ class TorchPolicy:
         compute_dtype: torch.dtype = torch.float32,
         *,
         logprob_chunk_tokens: int = 1024,
-        packed_attention: str = "per_document",
+        packed_attention: PackedAttention = PackedAttention.per_document,
         micro_batching: MicroBatching | None = None,
     ) -> None:
-        if packed_attention not in ("per_document", "dense"):
-            raise ValueError(f"packed_attention must be 'per_document' or 'dense', got {packed_attention!r}")
         self.model = model.to(device)
         self.device = device
         self.compute_dtype = compute_dtype
         # Logprobs are those of softmax(logits / temperature), as the sampler reports them.
         self.temperature = temperature
         self.packed_attention = packed_attention
-        # How logprobs() splits a batch (policy.micro_batch_rows / max_tokens_per_micro_batch).
+        # How logprobs() and the stage loops split a batch (policy.micro_batch_rows /
+        # max_tokens_per_micro_batch, MicroBatching.of).
         self.micro_batching = micro_batching or MicroBatching()
-        if packed_attention == "per_document":
+        if packed_attention == PackedAttention.per_document:
             enable_per_document_attention(self.model)
         self._logprob_module = TokenLogprobs(self.model, temperature, logprob_chunk_tokens)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -127,9 +116,8 @@ class TorchPolicy:
 
     def _attention_mask(self, document_ids: torch.Tensor) -> torch.Tensor:
         """The ``attention_mask`` for rows with ``document_ids`` [B, T] (see the module docstring)."""
-        packed = bool((document_ids.max(dim=-1).values > 1).any())
-        padded = bool((document_ids == 0).any())
-        if self.packed_attention == "per_document" and (packed or padded):
+        packed = is_packed(document_ids)
+        if self.packed_attention == PackedAttention.per_document and (packed or has_padding(document_ids)):
             return document_marker(document_ids)  # [B, 1, 1, T] on the CPU: no T x T anywhere
         if packed:
             return document_attention_mask(document_ids.to(self.device), dtype=self.compute_dtype)
@@ -144,15 +132,14 @@ class TorchPolicy:
         return torch.nn.functional.pad(picked.float(), (1, 0))
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
+    def logprobs(self, batch: Batch) -> torch.Tensor:
         """[B, T] logprobs of ``batch`` without gradients, on the CPU, in the batch's row order.
 
         Micro-batches as ``self.micro_batching`` says (by rows, or by a token budget over
-        rows sorted by length); ``micro_batch_rows`` overrides that with a plain row count.
+        rows sorted by length).
         Positions past a row's end are 0.
         """
-        spec = self.micro_batching if micro_batch_rows is None else MicroBatching(rows=micro_batch_rows)
-        micro, groups = split_batch(batch, spec)
+        micro, groups = split_batch(batch, self.micro_batching)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -222,7 +209,7 @@ class TorchPolicy:
             ]
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """[B, T] logprobs under the snapshot's weights, without gradients (micro-batched as
         ``logprobs``).
 
@@ -234,7 +221,7 @@ class TorchPolicy:
             raise RuntimeError("call snapshot_reference() before reference_logprobs()")
         self._swap_reference()
         try:
-            return self.logprobs(batch, micro_batch_rows)
+            return self.logprobs(batch)
         finally:
             self._swap_reference()
 

@@ -22,10 +22,11 @@ import typing
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from fastmath_nemo.config.schema import LengthUnit
 from fastmath_nemo.rewards.extract import last_boxed_answer, think_section
 from fastmath_nemo.rewards.verify import verify_many
 
@@ -51,7 +52,7 @@ RewardFn = Callable[..., list[float]]
 def completion_lengths(
     texts: Sequence[str],
     token_counts: Sequence[int] | None = None,
-    unit: Literal["tokens", "chars"] = "tokens",
+    unit: LengthUnit = LengthUnit.tokens,
 ) -> list[int]:
     """Length of each completion: ``token_counts`` for ``"tokens"``, ``len(text)`` for ``"chars"``."""
     if unit == "chars":

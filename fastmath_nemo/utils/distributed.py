@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-DeviceName = Literal["cpu", "cuda", "auto"]
+from fastmath_nemo.config.schema import Device
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -84,7 +84,7 @@ def broadcast_object(value: object, src: int = 0, group: dist.ProcessGroup | Non
     return box[0]
 
 
-def resolve_device(name: DeviceName | str) -> torch.device:
+def resolve_device(name: Device | str) -> torch.device:
     """``cpu`` -> cpu; ``cuda`` -> ``cuda:<LOCAL_RANK>`` (error if CUDA is unavailable);
     ``auto`` -> cuda when available, else cpu."""
     if name == "cpu":
@@ -105,7 +105,7 @@ def resolve_device(name: DeviceName | str) -> torch.device:
     raise ValueError(f"unknown device {name!r}; expected 'cpu', 'cuda' or 'auto'")
 
 
-def init_distributed_if_needed(device: DeviceName | str | torch.device) -> bool:
+def init_distributed_if_needed(device: Device | str | torch.device) -> bool:
     """Initialise torch.distributed from torchrun env vars when WORLD_SIZE > 1.
 
     Backend: nccl for CUDA, gloo for CPU. Returns True when a process group is active
@@ -157,6 +157,29 @@ def all_reduce_data_parallel(tensor: torch.Tensor, op: Literal["sum", "max"] = "
     out = tensor.detach().to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return out.to(tensor.device)
+
+
+def _world_flag(flag: bool, op: dist.ReduceOp) -> bool:
+    value = 1 if flag else 0
+    if not _initialized() or dist.get_world_size() == 1:
+        return bool(value)
+    # NCCL reduces CUDA tensors only; one int costs nothing next to the step that asks.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    reduced = torch.tensor([value], dtype=torch.int32, device=device)
+    dist.all_reduce(reduced, op=op)
+    return bool(reduced.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank of the world (model-parallel peers included), on
+    every rank. A collective: all ranks call it at the same point; none without a process group."""
+    return _world_flag(flag, dist.ReduceOp.MAX)
+
+
+def every_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank of the world, on every rank (a collective, as
+    :func:`any_rank`)."""
+    return _world_flag(flag, dist.ReduceOp.MIN)
 
 
 def all_gather_objects(items: list) -> list:

@@ -4,15 +4,26 @@ writes reaches them with the same names, prefixed by the stage, since SFT and GR
 ``loss`` and count steps from 1: ``grpo/reward/mean`` at step 12, ``sft/loss`` at step 300.
 Strings and missing values are not scalars and stay in metrics.jsonl only.
 
-Only rank 0 builds sinks (the logger is disabled elsewhere). config/validate.py fails at
-start-up, with the install command, when a configured sink's package is missing.
+Only rank 0 builds sinks (the logger is disabled elsewhere). Validation (``preflight``) fails
+at start-up, with the install command, when a configured sink's package is missing
+(:func:`sink_error`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+SINK_INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+
+def sink_error(name: str) -> str | None:
+    """Why sink ``name`` cannot be built here (its package is missing), or None."""
+    if name in SINK_INSTALL and importlib.util.find_spec(name) is None:
+        return f"{name} is not installed: {SINK_INSTALL[name]}"
+    return None
 
 
 class MetricSink(Protocol):

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs "$@" (torchrun) with SIGUSR1 and SIGTERM ignored: when Slurm signals every process of a
 # step (--signal=USR1@N, a preemption's SIGTERM), torchrun keeps supervising its workers while
-# they finish the step and save a checkpoint (fastmath_nemo/utils/preemption.py installs its own
+# they finish the step and save a checkpoint (fastmath_nemo/checkpoint/preemption.py installs its own
 # handlers over the inherited SIG_IGN). Used by fastmath_nemo.nemo_run.SlurmPreemption: NeMo-Run
 # puts srun_args unquoted into its batch script, so an inline `bash -c '...'` cannot go there.
 trap "" USR1 TERM

@@ -83,5 +83,5 @@ def run(policy, tokenizer, cfg: GRPOConfig, stage_dir: Path, generator: Scripted
     checkpoints = CheckpointManager(stage_dir, tokenizer, cfg.keep_last_checkpoints)
     with MetricsLogger(stage_dir / "metrics.jsonl", enabled=True) as metrics:
         run_grpo(policy, generator, tokenizer, RECORDS, cfg, GEN, SYSTEM_PROMPT, checkpoints, metrics, seed=3,
-                 micro_batch_rows=8, resume=resume)
+                 resume=resume)
     return [r for r in read_metrics(stage_dir / "metrics.jsonl") if r["stage"] == "grpo"]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from fastmath_nemo.algorithms.checkpoint_choice import KEPT_FILE, HeldoutResult, choose
 from fastmath_nemo.algorithms.grpo import run_grpo
+from fastmath_nemo.batching.micro_batches import MicroBatching
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig, OptimizerConfig, RewardSpec
 from fastmath_nemo.generation.torch_generator import TorchGenerator
@@ -111,7 +112,8 @@ def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, kill_at
     # seed 4: some sampled completions stop before 12 tokens, so cosine rewards differ within a
     # group and the weights move (seed 3's all ran to 12 tokens once the tokenizer learned the
     # chat roles: equal rewards, no gradient, and the kept step equalled the last)
-    policy = TorchPolicy(task.varied_model(seed=4, std=0.1), torch.device("cpu"), temperature=1.0)
+    policy = TorchPolicy(task.varied_model(seed=4, std=0.1), torch.device("cpu"), temperature=1.0,
+                         micro_batching=MicroBatching(rows=8))
     generator = TorchGenerator(policy.model, task.pad_id, max_rows=8)
     evaluation = ScriptedEvaluation(policy)
     checkpoints = KilledAtCheckpoint(stage_dir, task.tokenizer, cfg.keep_last_checkpoints, step=kill_at)
@@ -119,7 +121,7 @@ def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, kill_at
     # stage itself creates that directory
     with MetricsLogger(stage_dir.parent / "metrics.jsonl", enabled=True) as metrics:
         final = run_grpo(policy, generator, task.tokenizer, task.train[:4], cfg, GenerationConfig(max_tokens=12),
-                         SYSTEM_PROMPT, checkpoints, metrics, seed=3, micro_batch_rows=8, resume=resume,
+                         SYSTEM_PROMPT, checkpoints, metrics, seed=3, resume=resume,
                          evaluate_heldout=evaluation)
     return final, evaluation, policy
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmath_nemo.algorithms.losses import GRPOLossConfig, StepTotals, grpo_loss
+from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss
+from fastmath_nemo.batching.step_totals import StepTotals
 from fastmath_nemo.algorithms.grpo import rollout_metrics, score_rollouts
 from fastmath_nemo.config.schema import GRPOConfig
 from fastmath_nemo.generation.base import SamplingParams
@@ -169,7 +170,7 @@ def test_logprob_mismatch_describes_every_data_parallel_rank() -> None:
     """Rank 0's mismatch metric is over all ranks' tokens: two ranks' halves of a batch, joined by
     an injected reduce (as all_reduce_data_parallel), give the whole batch's max and mean."""
     from fastmath_nemo.algorithms.grpo import logprob_mismatch
-    from fastmath_nemo.batch import batch_from_sequences
+    from fastmath_nemo.batching.batch import batch_from_sequences
 
     seqs = [[5, 6, 7, 8], [5, 6, 9], [5, 7, 7, 7], [5, 8]]
     batch = batch_from_sequences(seqs, [[0, 1, 1, 1], [0, 1, 1], [0, 0, 1, 1], [0, 1]], pad_id=0)

@@ -13,7 +13,6 @@ import torch
 
 from fastmath_nemo.algorithms.losses import (
     GRPOLossConfig,
-    StepTotals,
     aggregate_loss,
     grpo_loss,
     kl_k3,
@@ -21,7 +20,8 @@ from fastmath_nemo.algorithms.losses import (
     masked_sum,
     sft_loss,
 )
-from fastmath_nemo.batch import Batch
+from fastmath_nemo.batching.batch import Batch
+from fastmath_nemo.batching.step_totals import StepTotals
 
 E = math.e
 

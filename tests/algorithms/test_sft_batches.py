@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from fastmath_nemo.algorithms.micro_batches import row_lengths
+from fastmath_nemo.batching.micro_batches import row_lengths
 from fastmath_nemo.algorithms.sft import SFTData, step_batches
 from fastmath_nemo.config.schema import SFTConfig
 

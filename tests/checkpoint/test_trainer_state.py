@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastmath_nemo.algorithms.losses import sft_loss
-from fastmath_nemo.batch import batch_from_sequences
+from fastmath_nemo.batching.batch import batch_from_sequences
 from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, TrainerStateError, load_trainer_state
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.policy.torch_policy import TorchPolicy

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fastmath_nemo.config.loader import CONF_DIR, ConfigError, load_config, to_dict
+from fastmath_nemo.config.loader import CONF_DIR, to_dict
+from fastmath_nemo.preflight import ConfigError, load_config
 from fastmath_nemo.config.schema import Config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,7 +298,7 @@ def test_vllm_engine_layouts_that_cannot_work_name_the_key(monkeypatch, world, o
 
 
 def test_vllm_engine_size_defaults_to_the_trainers_tensor_parallel_size():
-    from fastmath_nemo.config.validate import vllm_tensor_parallel_size
+    from fastmath_nemo.utils.topology import vllm_tensor_parallel_size
 
     cfg = load_config("recipe", ["policy.megatron.tensor_parallel_size=4"])
     assert cfg.generation.vllm.tensor_parallel_size is None and vllm_tensor_parallel_size(cfg) == 1  # torch policy

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from fastmath_nemo.config.loader import ConfigError, load_config
+from fastmath_nemo.preflight import ConfigError, load_config
 
 
 def _raises(overrides: list[str]) -> str:

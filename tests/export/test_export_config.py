@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastmath_nemo.config.loader import ConfigError, load_config
+from fastmath_nemo.preflight import ConfigError, load_config
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -28,7 +28,8 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 def test_megatron_export_loads_into_gpt_model(model_type: str, tmp_path: Path, one_thread) -> None:
     from megatron.core import dist_checkpointing
 
-    from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf
+    from fastmath_nemo.policy.megatron.config import transformer_config_from_hf
+    from fastmath_nemo.policy.megatron.layer_spec import gpt_layer_spec
     from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights
     from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel, init_model_parallel
 

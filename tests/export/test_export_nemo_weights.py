@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from _hf_folders import safetensors_state, write_hf_folder  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from fastmath_nemo.config.loader import ConfigError, load_config  # noqa: E402
+from fastmath_nemo.preflight import ConfigError, load_config  # noqa: E402
 
 pytestmark = pytest.mark.megatron
 

@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from fastmath_nemo.algorithms.grpo import run_grpo  # noqa: E402
+from fastmath_nemo.batching.micro_batches import MicroBatching  # noqa: E402
 from fastmath_nemo.checkpoint.manager import CheckpointManager  # noqa: E402
 from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig, MegatronConfig, OptimizerConfig, VLLMConfig  # noqa: E402
 from fastmath_nemo.data.records import MathRecord  # noqa: E402
@@ -87,13 +88,14 @@ def main() -> None:
     if args.backend == "megatron":
         from fastmath_nemo.policy.megatron.policy import MegatronPolicy
 
-        policy = MegatronPolicy(args.folder, MegatronConfig(tensor_parallel_size=args.tp), seed=0)
+        policy = MegatronPolicy(args.folder, MegatronConfig(tensor_parallel_size=args.tp), seed=0,
+                                micro_batching=MicroBatching(rows=4))
     else:
         from fastmath_nemo.policy.models import load_pretrained
         from fastmath_nemo.policy.torch_policy import TorchPolicy
 
         init_distributed_if_needed("cpu")
-        policy = TorchPolicy(load_pretrained(args.folder), torch.device("cpu"))
+        policy = TorchPolicy(load_pretrained(args.folder), torch.device("cpu"), micro_batching=MicroBatching(rows=4))
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     records = [MathRecord(**r) for r in json.loads(Path(args.records).read_text())]
 
@@ -104,7 +106,7 @@ def main() -> None:
     recording = Recording(engine)
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank() == 0)
     run_grpo(policy, recording, tokenizer, records, grpo_config(args.steps, args.prompts_per_step), GEN,
-             SYSTEM_PROMPT, CheckpointManager(out / "grpo", tokenizer), metrics, seed=0, micro_batch_rows=4)
+             SYSTEM_PROMPT, CheckpointManager(out / "grpo", tokenizer), metrics, seed=0)
     metrics.close()
     engine.close()
     # the trainer's default group still works once vLLM has torn its own groups down

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmath_nemo.batch import batch_from_sequences
+from fastmath_nemo.batching.batch import batch_from_sequences
 from fastmath_nemo.generation.base import SamplingParams
 from fastmath_nemo.generation.torch_generator import TorchGenerator
 from fastmath_nemo.policy.torch_policy import TorchPolicy

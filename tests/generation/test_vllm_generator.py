@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmath_nemo.batch import batch_from_sequences
+from fastmath_nemo.batching.batch import batch_from_sequences
 from fastmath_nemo.config.schema import VLLMConfig
 from fastmath_nemo.generation import vllm_generator
 from fastmath_nemo.generation.base import SamplingParams
@@ -77,7 +77,7 @@ def test_missing_vllm_fails_with_the_install_command(monkeypatch):
 
 
 def test_config_with_vllm_missing_fails_before_work(monkeypatch):
-    from fastmath_nemo.config.loader import ConfigError, load_config
+    from fastmath_nemo.preflight import ConfigError, load_config
 
     monkeypatch.setattr(vllm_generator, "vllm_installed", lambda: False)
     with pytest.raises(ConfigError, match="generation.backend.*pip install"):

@@ -143,6 +143,7 @@ def _single_process_steps(setup, ranks: list[dict], prompts_per_step: int, tmp_p
     from transformers import AutoTokenizer
 
     from fastmath_nemo.algorithms.grpo import run_grpo
+    from fastmath_nemo.batching.micro_batches import MicroBatching
     from fastmath_nemo.checkpoint.manager import CheckpointManager
     from fastmath_nemo.data.records import MathRecord
     from fastmath_nemo.policy.models import load_pretrained
@@ -151,11 +152,11 @@ def _single_process_steps(setup, ranks: list[dict], prompts_per_step: int, tmp_p
 
     folder, records, _ = setup
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    policy = TorchPolicy(load_pretrained(folder), torch.device("cpu"))
+    policy = TorchPolicy(load_pretrained(folder), torch.device("cpu"), micro_batching=MicroBatching(rows=4))
     metrics = MetricsLogger(tmp_path / "single.jsonl", enabled=True)
     run_grpo(policy, Replay(ranks), tokenizer, [MathRecord(**r) for r in json.loads(records.read_text())],
              worker.grpo_config(2, prompts_per_step), worker.GEN, worker.SYSTEM_PROMPT,
-             CheckpointManager(tmp_path / "single", tokenizer), metrics, seed=0, micro_batch_rows=4)
+             CheckpointManager(tmp_path / "single", tokenizer), metrics, seed=0)
     metrics.close()
     return [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmath_nemo.config.loader import ConfigError, load_config
+from fastmath_nemo.preflight import ConfigError, load_config
 from fastmath_nemo.planning import memory as m
 from fastmath_nemo.planning.plan import build_plan, check_fits
 

@@ -29,9 +29,11 @@ warnings.filterwarnings("ignore")
 
 from _megatron_tiny import tiny_hf_model  # noqa: E402
 
-from fastmath_nemo.algorithms.losses import LOSS_AGGREGATIONS, GRPOLossConfig, grpo_loss  # noqa: E402
-from fastmath_nemo.algorithms.micro_batches import MicroBatching, micro_batches, step_totals  # noqa: E402
-from fastmath_nemo.batch import Batch, batch_from_sequences  # noqa: E402
+from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss  # noqa: E402
+from fastmath_nemo.config.schema import LossAggregation as LOSS_AGGREGATIONS  # noqa: E402
+from fastmath_nemo.batching.micro_batches import MicroBatching, micro_batches  # noqa: E402
+from fastmath_nemo.batching.step_totals import step_totals  # noqa: E402
+from fastmath_nemo.batching.batch import Batch, batch_from_sequences  # noqa: E402
 from fastmath_nemo.config.schema import OptimizerConfig  # noqa: E402
 
 # No clipping (it would rescale the gradient we compare) and lr 0: the weights stay put, so

@@ -184,7 +184,7 @@ def test_policy_train_step_never_holds_row_by_vocabulary_logits() -> None:
     one chunk's logits (``256 x V``); with policy.logprob_chunk_tokens=0 (the baseline) the
     ``[B, T, V]`` logits appear."""
     from fastmath_nemo.algorithms.losses import sft_loss
-    from fastmath_nemo.batch import batch_from_sequences
+    from fastmath_nemo.batching.batch import batch_from_sequences
     from fastmath_nemo.config.schema import OptimizerConfig
     from fastmath_nemo.policy.torch_policy import TorchPolicy
 

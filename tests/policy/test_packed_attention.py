@@ -13,10 +13,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import fastmath_nemo.policy.torch_policy as torch_policy_module
 from fastmath_nemo.algorithms.losses import sft_loss
-from fastmath_nemo.batch import Batch, batch_from_sequences
+from fastmath_nemo.batching.batch import Batch, batch_from_sequences
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import pack_examples, rows_to_batch
-from fastmath_nemo.policy.document_attention import PER_DOCUMENT_ATTENTION, document_spans
+from fastmath_nemo.batching.documents import document_spans
+from fastmath_nemo.policy.document_attention import PER_DOCUMENT_ATTENTION
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from tests.policy._largest_tensor import LargestTensor
 

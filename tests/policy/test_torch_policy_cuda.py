@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastmath_nemo.algorithms.losses import sft_loss
-from fastmath_nemo.batch import batch_from_sequences
+from fastmath_nemo.batching.batch import batch_from_sequences
 from fastmath_nemo.config.schema import OptimizerConfig
 from fastmath_nemo.data.packing import pack_examples
 from fastmath_nemo.generation.base import SamplingParams

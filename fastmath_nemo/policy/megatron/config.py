@@ -1,4 +1,5 @@
-"""Hugging Face config -> megatron-core ``TransformerConfig``, rotary settings and layer spec.
+"""Hugging Face config -> megatron-core ``TransformerConfig`` and rotary settings (the layer
+spec, Transformer Engine and FP8 are ``layer_spec.py``'s).
 
 Supported: Qwen2 (QKV bias), Qwen3 (QK RMSNorm, ``head_dim`` may differ from hidden/heads) and
 Llama (no biases). All three are pre-norm RMSNorm decoders with SwiGLU MLPs, GQA and RoPE
@@ -14,15 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.spec_utils import ModuleSpec
 
-from fastmath_nemo.policy.megatron.norm import SequenceParallelRMSNorm
 from fastmath_nemo.policy.megatron.parallel import check_layout
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
-ATTENTION_BACKENDS = ("unfused", "sdpa", "te")
 # GPTModel's llama3 RoPE scaling hard-codes these (RotaryEmbedding._apply_scaling defaults).
 _MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -160,42 +157,3 @@ def transformer_config_from_hf(
         persist_layer_norm=False,
         **recompute_kwargs,
     )
-
-
-def gpt_layer_spec(attention_backend: str, qk_layernorm: bool) -> ModuleSpec:
-    """The transformer layer spec for ``attention_backend``:
-
-    - ``unfused``: megatron-core's local spec with its own ``DotProductAttention``
-      (materialises [b, h, s, s] scores; reference numerics).
-    - ``sdpa``: the local spec with core attention replaced by :class:`SDPAAttention`
-      (``torch.nn.functional.scaled_dot_product_attention``).
-    - ``te``: Transformer Engine's spec (fused norms/linears, FP8-capable); needs
-      ``transformer_engine`` importable.
-
-    The local specs' norms are :class:`SequenceParallelRMSNorm` (megatron's ``WrappedTorchNorm``
-    refuses sequence parallelism).
-    """
-    if attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend {attention_backend!r} not in {ATTENTION_BACKENDS}")
-    if attention_backend == "te":
-        try:
-            import transformer_engine  # noqa: F401
-        except Exception as exc:  # TE raises more than ImportError when no GPU driver is present
-            raise ValueError(
-                "attention_backend='te' needs Transformer Engine: pip install "
-                "transformer-engine[pytorch] on a CUDA machine (or use 'sdpa' / 'unfused'); "
-                f"importing it failed with: {exc!r}"
-            ) from exc
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    if qk_layernorm:
-        attention = spec.submodules.self_attention.submodules
-        attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
-    if attention_backend == "sdpa":
-        from fastmath_nemo.policy.megatron.sdpa_attention import SDPAAttention
-
-        spec.submodules.self_attention.submodules.core_attention = SDPAAttention
-    return spec

@@ -35,19 +35,6 @@ def local_positions(width: int, cp: int, rank: int, device: torch.device | None 
     return torch.cat([torch.arange(s, s + chunk, device=device) for s in starts])
 
 
-def local_attention_mask(document_ids: Tensor, positions: Tensor) -> Tensor:
-    """Megatron's convention (True = blocked), ``[B, 1, len(positions), T]``: the rows of
-    ``data.packing.document_attention_mask``'s causal per-document mask (inverted) for the
-    queries at ``positions``, built without the full ``[T, T]``. A padding query (document 0)
-    attends to itself only, so no row is fully blocked."""
-    keys = torch.arange(document_ids.size(1), device=document_ids.device)
-    query_docs = document_ids[:, positions, None]  # [B, S, 1]
-    same_doc = query_docs == document_ids[:, None, :]
-    causal = keys[None, :] <= positions[:, None]
-    allowed = (same_doc & causal & (query_docs != 0)) | ((keys[None, :] == positions[:, None]) & (query_docs == 0))
-    return ~allowed[:, None]
-
-
 def _natural_order(width: int, cp: int, device: torch.device) -> Tensor:
     """Index into the rank-by-rank concatenation of every rank's local positions that puts
     the row back in order: ``gathered[order] == row``."""

@@ -29,19 +29,6 @@ from torch import Tensor
 QUERY_BLOCK = 1024
 
 
-def segment_bounds(document_ids: Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the ``[start, end)`` runs of equal document id of ``document_ids`` [B, T]."""
-    ids = document_ids.cpu()  # one small copy; the Python loop below needs host values
-    change = torch.ones_like(ids, dtype=torch.bool)
-    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    width = ids.size(1)
-    rows = []
-    for row in change:
-        starts = row.nonzero().squeeze(1).tolist()
-        rows.append(list(zip(starts, starts[1:] + [width])))
-    return rows
-
-
 def _contiguous_ranges(positions: list[int]) -> list[tuple[int, int, int]]:
     """``positions`` as maximal ``(start, end, index of start in positions)`` runs of
     consecutive positions, in order."""
@@ -83,7 +70,7 @@ def document_attention(
     """Causal attention inside each segment.
 
     q: [b, h, sq, d]; k, v: [b, g, sk, d] (the whole row); segments: per row, ``[start, end)``
-    runs of key positions (:func:`segment_bounds`); query_positions: the key position of each
+    runs of key positions (``batching.documents.segment_bounds``); query_positions: the key position of each
     of the ``sq`` queries, in ascending runs (None: ``sq == sk`` and query ``i`` is position
     ``i``). Returns the context [b, h, sq, d].
     """

@@ -148,11 +148,3 @@ def load_hf_weights(model: GPTModel, hf_dir_or_state: str | Path | Mapping[str, 
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"HF -> megatron weights mismatch: missing {missing}, unexpected {result.unexpected_keys}")
-
-
-def megatron_attention_mask(document_ids: Tensor) -> Tensor:
-    """Packed rows' per-document causal mask in megatron's convention: bool ``[B, 1, T, T]``,
-    True = blocked (``data.packing.document_attention_mask`` is True = may attend)."""
-    from fastmath_nemo.data.packing import document_attention_mask
-
-    return ~document_attention_mask(document_ids)

@@ -28,47 +28,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import AutoConfig
 
-from fastmath_nemo.algorithms.micro_batches import MicroBatching, merge_rows, reduce_step_metrics, split_batch
-from fastmath_nemo.batch import Batch
+from fastmath_nemo.batching.batch import Batch
+from fastmath_nemo.batching.documents import blocked_attention, is_packed
+from fastmath_nemo.batching.micro_batches import MicroBatching, merge_rows, split_batch
+from fastmath_nemo.batching.step_totals import reduce_step_metrics
 from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, load_trainer_state
-from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig
+from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig, PackedAttention
 from fastmath_nemo.policy.base import LossFn
-from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf
-from fastmath_nemo.policy.megatron.context_parallel import gather_logprobs, local_attention_mask, local_positions
+from fastmath_nemo.policy.megatron.config import transformer_config_from_hf
+from fastmath_nemo.policy.megatron.context_parallel import gather_logprobs, local_positions
 from fastmath_nemo.policy.megatron.convert import gather_hf_weights
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
+from fastmath_nemo.policy.megatron.layer_spec import choose_layer_spec, gpt_layer_spec
 from fastmath_nemo.policy.megatron.logprobs import chunked_logprobs
-from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights, megatron_attention_mask
+from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights
 from fastmath_nemo.policy.megatron.optimizer_state import checkpoint_metadata, finish_load, prepare_for_load
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
 from fastmath_nemo.policy.megatron.thd import thd_params
-from fastmath_nemo.policy.torch_policy import NonFiniteLossError, cosine_with_warmup
+from fastmath_nemo.policy.optimization import NonFiniteLossError, cosine_with_warmup
 from fastmath_nemo.utils.distributed import (
     barrier,
     broadcast_object,
     data_parallel_size,
+    every_rank,
     is_rank0,
     set_data_parallel_group,
 )
 
 logger = logging.getLogger(__name__)
 _LOSS_SUM = "_loss_sum"  # each micro-batch's loss, carried through the metric reduction
-
-
-def resolve_attention_backend(name: str, transformer_impl: str = "auto") -> str:
-    """The layer spec to build: Transformer Engine's (``te``) when asked for by either key or,
-    for ``auto``, where TE is installed (and ``transformer_impl`` is not ``local``); else SDPA."""
-    import importlib.util
-
-    if transformer_impl == "transformer_engine":
-        return "te"
-    if name != "auto":
-        return name
-    has_te = importlib.util.find_spec("transformer_engine") is not None
-    return "te" if has_te and transformer_impl != "local" else "sdpa"
 
 
 def next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
@@ -112,12 +102,12 @@ class MegatronPolicy:
         params_dtype: torch.dtype = torch.float32,
         seed: int = 0,
         logprob_chunk_tokens: int = 1024,
-        packed_attention: str = "per_document",
+        packed_attention: PackedAttention = PackedAttention.per_document,
         micro_batching: MicroBatching | None = None,
     ) -> None:
         """``logprob_chunk_tokens`` and ``packed_attention`` are ``policy.*`` keys (schema.py);
-        ``micro_batching`` (``policy.micro_batch_rows`` / ``max_tokens_per_micro_batch``) is
-        how ``logprobs`` splits a batch."""
+        ``micro_batching`` (``MicroBatching.of(cfg.policy)``) is how ``logprobs`` and the stage
+        loops split a batch."""
         self.micro_batching = micro_batching or MicroBatching()
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
@@ -140,22 +130,13 @@ class MegatronPolicy:
             self.hf_config, tp=cfg.tensor_parallel_size, pp=cfg.pipeline_parallel_size, cp=cfg.context_parallel_size,
             params_dtype=params_dtype, sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute_activations,
         )
-        if cfg.fp8 is not None:
-            # FP8 GEMMs are Transformer Engine's (validation demands TE and an FP8 GPU); the
-            # config carries the choice, the TE layer spec applies it.
-            self.tcfg.fp8, self.tcfg.fp8_recipe = cfg.fp8, cfg.fp8_recipe
-        attention = resolve_attention_backend(cfg.attention_backend, cfg.transformer_impl)
-        if cfg.context_parallel_size > 1 and attention != "sdpa":
-            raise ValueError(f"context parallelism runs on the sdpa attention backend, not {attention!r}")
-        spec = gpt_layer_spec(attention, qk_layernorm=self.hf_config.model_type == "qwen3")
-        # How rows reach attention: a per-row document mask (SDPA spec) or megatron's packed
-        # thd format (Transformer Engine's kernels take no mask tensor; see thd.py).
-        self.packed_format = "thd" if attention == "te" else "mask"
-        if packed_attention not in ("per_document", "dense"):
-            raise ValueError(f"packed_attention must be 'per_document' or 'dense', got {packed_attention!r}")
-        # Per-document attention is the SDPA core attention's; megatron's unfused attention
-        # (a reference backend) takes only the dense mask.
-        self.per_document = packed_attention == "per_document" and attention == "sdpa"
+        # Transformer Engine, FP8 and the attention path: layer_spec.py decides (and refuses what
+        # cannot run here, as validation did before any work started).
+        choice = choose_layer_spec(cfg)
+        choice.configure(self.tcfg)
+        spec = gpt_layer_spec(choice.attention, qk_layernorm=self.hf_config.model_type == "qwen3")
+        self.packed_format = choice.packed_format  # a per-row document mask, or megatron's thd
+        self.per_document = choice.per_document(packed_attention)
         model = build_gpt_model(self.hf_config, self.tcfg, spec)
         if self.on_gpu:
             model.cuda(torch.cuda.current_device())
@@ -231,7 +212,8 @@ class MegatronPolicy:
         so pipeline stages exchange one shape."""
         if self.packed_format == "thd":
             return True
-        return self.per_document and self.cfg.context_parallel_size == 1 and any(_is_packed(m) for m in micro_batches)
+        return self.per_document and self.cfg.context_parallel_size == 1 and any(
+            is_packed(m.document_ids) for m in micro_batches)
 
     def _forward(self, model: torch.nn.Module, micro: Batch, thd: bool) -> torch.Tensor:
         """On the last stage: logits [B, T / cp, V_local] (this CP rank's positions; thd format:
@@ -247,13 +229,13 @@ class MegatronPolicy:
             # queries of this rank's positions against the whole row (context_parallel.py)
             mine = local_positions(micro.width, self.cfg.context_parallel_size, self._cp_rank, micro.input_ids.device)
             mask = (micro.document_ids.cpu() if self.per_document
-                    else local_attention_mask(micro.document_ids, mine))
+                    else blocked_attention(micro.document_ids, mine))
             return model(input_ids=micro.input_ids[:, mine], position_ids=micro.position_ids[:, mine],
                          attention_mask=mask)
         if thd:  # all rows as one [1, B * T] sequence of segments
             return model(input_ids=micro.input_ids.reshape(1, -1), position_ids=micro.position_ids.reshape(1, -1),
                          attention_mask=None, packed_seq_params=thd_params(micro.document_ids))
-        mask = megatron_attention_mask(micro.document_ids) if _is_packed(micro) else None
+        mask = blocked_attention(micro.document_ids) if is_packed(micro.document_ids) else None
         return model(input_ids=micro.input_ids, position_ids=micro.position_ids, attention_mask=mask)
 
     def _output_weight(self) -> torch.Tensor:
@@ -328,15 +310,14 @@ class MegatronPolicy:
         )
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
+    def logprobs(self, batch: Batch) -> torch.Tensor:
         """[B, T] logprobs of ``batch`` (no gradients), on every rank, in the batch's row order.
 
         Micro-batches as ``self.micro_batching`` says (by rows, or by a token budget over rows
-        sorted by length); ``micro_batch_rows`` overrides that with a plain row count.
+        sorted by length).
         Positions past a row's end are 0.
         """
-        spec = self.micro_batching if micro_batch_rows is None else MicroBatching(rows=micro_batch_rows)
-        micro, groups = split_batch(batch, spec)
+        micro, groups = split_batch(batch, self.micro_batching)
         self.ddp.eval()
         try:
             results = self._run(micro, None, forward_only=True)
@@ -368,7 +349,8 @@ class MegatronPolicy:
         results = self._run(micro_batches, share, forward_only=False)
         # the last stage's data-parallel peers are last stages too: they reduce together
         totals = _from_last_stage(reduce_step_metrics(results) if results else None)
-        if not _everywhere(all(torch.isfinite(torch.tensor(v)) for v in totals.values())):
+        # a data-parallel peer may see a non-finite loss alone: all ranks skip the step together
+        if not every_rank(all(torch.isfinite(torch.tensor(v)) for v in totals.values())):
             self.optimizer.zero_grad()
             raise NonFiniteLossError(f"non-finite loss metrics {totals}")
         totals.pop(_LOSS_SUM)
@@ -401,7 +383,7 @@ class MegatronPolicy:
         self._stash = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in self._reference]
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: Batch, micro_batch_rows: int | None = None) -> torch.Tensor:
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """[B, T] logprobs of ``batch`` under the snapshot's weights (micro-batched as
         :meth:`logprobs`), on every rank; the training weights are restored bit for bit.
 
@@ -415,7 +397,7 @@ class MegatronPolicy:
             stash.copy_(param)
             param.copy_(reference)
         try:
-            return self.logprobs(batch, micro_batch_rows)
+            return self.logprobs(batch)
         finally:
             for param, stash in zip(params, self._stash):
                 param.copy_(stash)
@@ -475,25 +457,9 @@ class MegatronPolicy:
         return state.get("extra", {})
 
 
-def _is_packed(micro: Batch) -> bool:
-    """Whether any row of ``micro`` holds more than one document."""
-    return bool((micro.document_ids.max(dim=-1).values > 1).any())
-
-
 def _from_last_stage(value: Any) -> Any:
     """``value`` as held by the last pipeline stage, on every stage of this pipeline."""
     from megatron.core import parallel_state
 
     return broadcast_object(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                             group=parallel_state.get_pipeline_model_parallel_group())
-
-
-def _everywhere(flag: bool) -> bool:
-    """Whether ``flag`` holds on every rank (a data-parallel peer may see a non-finite loss
-    alone; all ranks must then skip the step together)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    value = torch.tensor([1 if flag else 0], device=device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())

@@ -2,7 +2,7 @@
 
 A drop-in for megatron-core 0.16.1's local ``DotProductAttention`` (same constructor and
 forward signature; 0.16.1 has no ``CoreAttentionInterface``, so it is plugged into
-``SelfAttentionSubmodules.core_attention``, see ``config.gpt_layer_spec``). It avoids the
+``SelfAttentionSubmodules.core_attention``, see ``layer_spec.gpt_layer_spec``). It avoids the
 unfused path's [b, h, s, s] fp32 score buffer and lets torch pick a flash / memory-efficient
 kernel on GPU.
 
@@ -11,7 +11,7 @@ unchanged from ``GPTModel.forward``:
 
 - ``None``: causal (``AttnMaskType.causal``), no mask tensor is built.
 - bool ``[b, 1, sq, sk]``: True = blocked (megatron's ``masked_fill`` convention; the
-  *opposite* of SDPA's and of ``data.packing.document_attention_mask``). It replaces the causal
+  *opposite* of SDPA's and of ``batching.documents.allowed_attention``). It replaces the causal
   mask, as in the unfused path, so a packed row passes its per-document causal mask here.
 - float ``[b, 1, sq, sk]``: additive (0 = attend, very negative = blocked), used as is.
 
@@ -48,8 +48,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
+from fastmath_nemo.batching.documents import segment_bounds
 from fastmath_nemo.policy.megatron.context_parallel import gather_sequence, local_positions
-from fastmath_nemo.policy.megatron.document_attention import document_attention, segment_bounds
+from fastmath_nemo.policy.megatron.document_attention import document_attention
 
 # torch >= 2.5 broadcasts kv heads itself (no repeated K/V in memory).
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config, Qwen3Config
 
-from fastmath_nemo.batch import Batch, batch_from_sequences
+from fastmath_nemo.batching.batch import Batch, batch_from_sequences
 from fastmath_nemo.config.schema import OptimizerConfig
 
 # eps 1e-6: Adam's first step is lr * g / (|g| + eps), so where a gradient is ~0 (Qwen3's

@@ -32,12 +32,13 @@ from _megatron_tiny import packed_row, tiny_hf_model  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
-from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf  # noqa: E402
+from fastmath_nemo.batching.documents import blocked_attention as megatron_attention_mask  # noqa: E402
+from fastmath_nemo.policy.megatron.config import transformer_config_from_hf  # noqa: E402
+from fastmath_nemo.policy.megatron.layer_spec import gpt_layer_spec  # noqa: E402
 from fastmath_nemo.policy.megatron.convert import gather_hf_weights  # noqa: E402
 from fastmath_nemo.policy.megatron.model import (  # noqa: E402
     build_gpt_model,
     load_hf_weights,
-    megatron_attention_mask,
 )
 from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402
 

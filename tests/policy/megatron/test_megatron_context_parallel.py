@@ -9,12 +9,9 @@ import torch
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
-from fastmath_nemo.policy.megatron.context_parallel import (  # noqa: E402
-    _natural_order,
-    local_attention_mask,
-    local_positions,
-)
-from fastmath_nemo.policy.megatron.model import megatron_attention_mask  # noqa: E402
+from fastmath_nemo.batching.documents import blocked_attention as local_attention_mask  # noqa: E402
+from fastmath_nemo.batching.documents import blocked_attention as megatron_attention_mask  # noqa: E402
+from fastmath_nemo.policy.megatron.context_parallel import _natural_order, local_positions  # noqa: E402
 
 
 def test_local_positions_are_load_balanced_chunks_covering_the_row() -> None:

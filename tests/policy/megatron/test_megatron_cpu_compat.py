@@ -11,7 +11,8 @@ from _megatron_tiny import tiny_hf_model  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 
 from fastmath_nemo.policy.megatron import cpu_compat  # noqa: E402
-from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf  # noqa: E402
+from fastmath_nemo.policy.megatron.config import transformer_config_from_hf  # noqa: E402
+from fastmath_nemo.policy.megatron.layer_spec import gpt_layer_spec  # noqa: E402
 from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights  # noqa: E402
 from fastmath_nemo.policy.megatron.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402
 

@@ -18,9 +18,11 @@ pytestmark = pytest.mark.megatron
 sys.path.insert(0, str(Path(__file__).parent))
 from _megatron_tiny import OPTIMIZER, tiny_hf_model  # noqa: E402
 
+from fastmath_nemo.batching.documents import blocked_attention as local_attention_mask  # noqa: E402
+from fastmath_nemo.batching.documents import blocked_attention as megatron_attention_mask  # noqa: E402
+from fastmath_nemo.batching.documents import segment_bounds  # noqa: E402
 from fastmath_nemo.policy.megatron import document_attention as doc_attn  # noqa: E402
-from fastmath_nemo.policy.megatron.context_parallel import local_attention_mask, local_positions  # noqa: E402
-from fastmath_nemo.policy.megatron.model import megatron_attention_mask  # noqa: E402
+from fastmath_nemo.policy.megatron.context_parallel import local_positions  # noqa: E402
 
 # different SDPA kernels (flash for is_causal, math under a mask) round differently: ~1e-7
 # relative, here on values and gradients of order 1-10
@@ -45,13 +47,13 @@ def _grads(out: torch.Tensor, inputs, upstream: torch.Tensor) -> list[torch.Tens
 
 
 def test_segments_are_runs_of_equal_document_ids() -> None:
-    assert doc_attn.segment_bounds(DOCUMENT_IDS) == [[(0, 5), (5, 14), (14, 16)], [(0, 11), (11, 16)]]
+    assert segment_bounds(DOCUMENT_IDS) == [[(0, 5), (5, 14), (14, 16)], [(0, 11), (11, 16)]]
 
 
 def test_whole_rows_equal_the_dense_mask() -> None:
     q, k, v = _qkv(16)
     real = (DOCUMENT_IDS > 0)[:, None, :, None]  # padding queries attend differently in the two
-    ours = doc_attn.document_attention(q, k, v, doc_attn.segment_bounds(DOCUMENT_IDS), scale=0.3, enable_gqa=True)
+    ours = doc_attn.document_attention(q, k, v, segment_bounds(DOCUMENT_IDS), scale=0.3, enable_gqa=True)
     theirs = _dense(q, k, v, megatron_attention_mask(DOCUMENT_IDS))
     assert ours.shape == theirs.shape == (2, 4, 16, 8)
     assert ((ours - theirs) * real).abs().max() <= TOL
@@ -66,7 +68,7 @@ def test_context_parallel_chunks_equal_the_local_mask(monkeypatch, block: int) -
     the whole row's keys give the rows of the dense local mask's attention, gradients too."""
     monkeypatch.setattr(doc_attn, "QUERY_BLOCK", block)
     q_full, k, v = _qkv(16, seed=2)
-    segments = doc_attn.segment_bounds(DOCUMENT_IDS)
+    segments = segment_bounds(DOCUMENT_IDS)
     for rank in range(2):
         mine = local_positions(16, 2, rank)
         q = q_full[:, :, mine].detach().requires_grad_()
@@ -83,7 +85,8 @@ def test_context_parallel_chunks_equal_the_local_mask(monkeypatch, block: int) -
 def test_packed_row_through_the_model_matches_documents_run_separately() -> None:
     """Document ids in the mask slot (the per-document path) give HF's logits of each
     document alone, as the dense mask does."""
-    from fastmath_nemo.policy.megatron.config import gpt_layer_spec, transformer_config_from_hf
+    from fastmath_nemo.policy.megatron.config import transformer_config_from_hf
+    from fastmath_nemo.policy.megatron.layer_spec import gpt_layer_spec
     from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights
     from fastmath_nemo.policy.megatron.parallel import init_model_parallel
 
@@ -107,7 +110,7 @@ def test_a_24000_token_packed_row_of_12_documents_trains(tmp_path) -> None:
     path never builds the 24,000 x 24,000 mask (2.3 GB of scores per head in fp32). Its
     logprobs, and the step, are those of the 12 documents as rows of their own."""
     from fastmath_nemo.algorithms.losses import sft_loss
-    from fastmath_nemo.batch import Batch
+    from fastmath_nemo.batching.batch import Batch
     from fastmath_nemo.config.schema import MegatronConfig
     from fastmath_nemo.policy.megatron.policy import MegatronPolicy
 

@@ -9,11 +9,8 @@ pytest.importorskip("megatron.core")
 import torch  # noqa: E402
 from _megatron_tiny import tiny_hf_config  # noqa: E402
 
-from fastmath_nemo.policy.megatron.config import (  # noqa: E402
-    gpt_layer_spec,
-    rope_settings,
-    transformer_config_from_hf,
-)
+from fastmath_nemo.policy.megatron.config import rope_settings, transformer_config_from_hf  # noqa: E402
+from fastmath_nemo.policy.megatron.layer_spec import gpt_layer_spec  # noqa: E402
 from fastmath_nemo.policy.megatron.parallel import check_layout  # noqa: E402
 from fastmath_nemo.policy.megatron.sdpa_attention import SDPAAttention  # noqa: E402
 

@@ -94,7 +94,7 @@ def test_a_step_holds_no_tensor_larger_than_a_weight(tmp_path) -> None:
     with 32-token chunks and per-document attention no op creates a tensor larger than the
     output weight [V, H] (its gradient is one); the baseline (whole-row logits, dense mask)
     creates [T, V] logits."""
-    from fastmath_nemo.batch import Batch
+    from fastmath_nemo.batching.batch import Batch
     from fastmath_nemo.policy.megatron.policy import MegatronPolicy
     from tests.policy._largest_tensor import LargestTensor
 

@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _megatron_tiny import OPTIMIZER, max_abs_diff, packed_rows, sft_rows, tiny_hf_model  # noqa: E402
 
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, sft_loss  # noqa: E402
-from fastmath_nemo.batch import batch_from_sequences  # noqa: E402
+from fastmath_nemo.batching.batch import batch_from_sequences  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
-from fastmath_nemo.policy.torch_policy import NonFiniteLossError, TorchPolicy  # noqa: E402
+from fastmath_nemo.policy.optimization import NonFiniteLossError  # noqa: E402
+from fastmath_nemo.policy.torch_policy import TorchPolicy  # noqa: E402
 
 
 
@@ -145,7 +146,7 @@ def test_padded_vocabulary_is_left_out_of_the_softmax():
 def test_the_layer_spec_follows_attention_backend_and_transformer_impl(monkeypatch, attention, impl, has_te, spec):
     import importlib.util
 
-    from fastmath_nemo.policy.megatron.policy import resolve_attention_backend
+    from fastmath_nemo.policy.megatron.layer_spec import resolve_attention_backend
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -68,7 +68,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_exports_to_hf(tmp_path: Path) 
     """The distributed checkpoint reshards (TP=2 -> TP=1) and the HF export is the same model."""
     import torch
 
-    from fastmath_nemo.batch import batch_from_sequences
+    from fastmath_nemo.batching.batch import batch_from_sequences
     from fastmath_nemo.config.schema import MegatronConfig
     from fastmath_nemo.policy.megatron.policy import MegatronPolicy
     from fastmath_nemo.policy.models import load_pretrained

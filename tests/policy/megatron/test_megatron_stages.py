@@ -32,8 +32,9 @@ def _sft_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["stage"] == "sft"]
 
 
-def _sft(run_dir: Path, backend: str, *extra: str) -> list[dict]:
-    done = subprocess.run(_command(run_dir, backend, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _sft(run_dir: Path, backend: str, *extra: str, env: dict[str, str] | None = None) -> list[dict]:
+    done = subprocess.run(_command(run_dir, backend, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return _sft_records(run_dir)
 
@@ -61,17 +62,20 @@ def test_killed_megatron_sft_resumes_to_the_uninterrupted_result(tmp_path: Path)
     from fastmath_nemo.checkpoint.atomic import list_checkpoints
 
     longer = ["sft.epochs=3", "sft.save_every_steps=1"]  # 18 steps, a checkpoint after each
-    reference = _sft(tmp_path / "reference", "megatron", *longer)
+    # The three runs differ only by the kill: the thread count changes the sums' order, so on a
+    # machine whose default is not 1 thread a run with the default would differ before the kill.
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = _sft(tmp_path / "reference", "megatron", *longer, env=one_thread)
     assert [r["step"] for r in reference] == list(range(1, 19))
 
     run_dir = tmp_path / "killed"
-    sigkill_after_checkpoint(_command(run_dir, "megatron", *longer), ROOT, {**os.environ, "OMP_NUM_THREADS": "1"},
+    sigkill_after_checkpoint(_command(run_dir, "megatron", *longer), ROOT, one_thread,
                              run_dir / "sft" / "checkpoints", tmp_path / "killed.log")
     last_step, last_dir = list_checkpoints(run_dir / "sft" / "checkpoints")[-1]
     assert 3 <= last_step < 18 and (last_dir / "megatron" / "metadata.json").is_file()
 
     before = len(_sft_records(run_dir))
-    resumed = _sft(run_dir, "megatron", *longer, "resume=true")[before:]
+    resumed = _sft(run_dir, "megatron", *longer, "resume=true", env=one_thread)[before:]
     # continued right after the last checkpoint, with the uninterrupted run's losses step by step
     assert [r["step"] for r in resumed] == list(range(last_step + 1, 19))
     for ours in resumed:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from _megatron_tiny import max_abs_diff, tiny_hf_model  # noqa: E402
 from _step_split import OPTIMIZER, budget_split, step_gradients, step_rows  # noqa: E402
 
-from fastmath_nemo.algorithms.losses import LOSS_AGGREGATIONS  # noqa: E402
+from fastmath_nemo.config.schema import LossAggregation as LOSS_AGGREGATIONS  # noqa: E402
 from fastmath_nemo.config.schema import MegatronConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -30,14 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-import torch.distributed as dist
-
 from fastmath_nemo.checkpoint.atomic import atomic_write_json
-from fastmath_nemo.utils.distributed import is_rank0
+from fastmath_nemo.utils.distributed import any_rank, is_rank0
 
-if TYPE_CHECKING:  # the manager pulls in transformers; this module stays light
-    from fastmath_nemo.checkpoint.manager import CheckpointManager
+if TYPE_CHECKING:  # the manager pulls in transformers; launchers import this module's names
+    from fastmath_nemo.checkpoint.manager import CheckpointManager, Checkpointable
 
 logger = logging.getLogger(__name__)
 
@@ -96,22 +93,14 @@ def preemption_requested() -> bool:
     ranks must call it at the same point (the loops do, once per step); no communication
     without a multi-rank process group."""
     reason = _local_request()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # NCCL reduces CUDA tensors only; one int per step costs nothing next to a step.
-        nccl = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        flag = torch.tensor([0 if reason is None else 1], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        requested = bool(flag.item())
-    else:
-        requested = reason is not None
+    requested = any_rank(reason is not None)
     if requested:
         logger.warning("preemption requested (%s): saving a checkpoint and stopping",
                        reason or "by another rank")
     return requested
 
 
-def stop_for_preemption(checkpoints: CheckpointManager, policy: Any, stage: str, step: int,
+def stop_for_preemption(checkpoints: CheckpointManager, policy: Checkpointable, stage: str, step: int,
                         state: dict[str, Any], *, saved: bool = False) -> NoReturn:
     """Save step ``step`` with loop ``state`` (unless the loop just ``saved`` it), record the
     stop in ``$FASTMATH_PREEMPTED_FILE`` (rank 0) and raise :class:`Preempted` on every rank."""

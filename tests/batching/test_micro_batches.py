@@ -1,4 +1,4 @@
-"""The micro-batch planner (token budget, row count), order restoration and step totals."""
+"""The micro-batch planner (token budget, row count) and order restoration."""
 
 from __future__ import annotations
 
@@ -6,24 +6,10 @@ import random
 
 import pytest
 import torch
+from _batches import batch_of_lengths as _batch
 
-from fastmath_nemo.algorithms.losses import StepTotals
-from fastmath_nemo.algorithms.micro_batches import (
-    MicroBatching,
-    merge_rows,
-    plan_micro_batches,
-    reduce_step_metrics,
-    row_lengths,
-    split_batch,
-    step_totals,
-)
-from fastmath_nemo.batch import batch_from_sequences
-
-
-def _batch(lengths: list[int], prompt: int = 2):
-    seqs = [[(7 * i + t) % 50 + 1 for t in range(n)] for i, n in enumerate(lengths)]
-    masks = [[0] * min(prompt, n) + [1] * max(0, n - prompt) for n in lengths]
-    return batch_from_sequences(seqs, masks, pad_id=0)
+from fastmath_nemo.batching.micro_batches import MicroBatching, merge_rows, plan_micro_batches, row_lengths, split_batch
+from fastmath_nemo.config.schema import PolicyConfig
 
 
 def test_token_budget_is_respected_and_every_row_is_used_once() -> None:
@@ -72,22 +58,14 @@ def test_merge_rows_restores_the_original_order() -> None:
     assert torch.equal(merged, batch.input_ids.float())
 
 
-def test_step_totals_count_the_whole_step() -> None:
-    batch = _batch([6, 2, 9, 5])  # targets: 4 + 0 + 7 + 3 = 14; the 2-token row has none
-    micro, _ = split_batch(batch, MicroBatching(max_tokens=10))
-    totals = step_totals(micro)  # one process: no data-parallel peers to add
-    assert totals == StepTotals(target_tokens=14.0, sequences=3.0, rows=4.0, longest=9)
-    assert totals == StepTotals.of(batch.loss_mask)
-
-
-def test_reduce_step_metrics_sums_shares_and_maxes_maxima() -> None:
-    got = reduce_step_metrics([{"loss": torch.tensor(0.25), "ratio_max": torch.tensor(1.5)},
-                               {"loss": torch.tensor(0.5), "ratio_max": torch.tensor(1.25)}])
-    assert got == {"loss": 0.75, "ratio_max": 1.5}
-
-
 def test_bad_settings_are_rejected() -> None:
     with pytest.raises(ValueError, match="rows"):
         MicroBatching(rows=0)
     with pytest.raises(ValueError, match="max_tokens"):
         MicroBatching(max_tokens=0)
+
+
+def test_the_run_split_comes_from_the_policy_keys() -> None:
+    cfg = PolicyConfig(micro_batch_rows=3, max_tokens_per_micro_batch=40)
+    assert MicroBatching.of(cfg) == MicroBatching(rows=3, max_tokens=40)
+    assert MicroBatching.of(PolicyConfig(micro_batch_rows=5)) == MicroBatching(rows=5, max_tokens=None)

@@ -1,4 +1,4 @@
-"""Preemption (``fastmath_nemo.utils.preemption``): a signal or the stop file stops a run at a
+"""Preemption (``fastmath_nemo.checkpoint.preemption``): a signal or the stop file stops a run at a
 step boundary with a checkpoint, on every rank at the same step, and the resumed run ends
 where an uninterrupted one does.
 
@@ -26,14 +26,15 @@ from _preemption_ranks import two_ranks
 from safetensors.torch import load_file
 
 from fastmath_nemo.algorithms.sft import run_sft, tokenize_sft
+from fastmath_nemo.batching.micro_batches import MicroBatching
+from fastmath_nemo.checkpoint import preemption
 from fastmath_nemo.checkpoint.atomic import is_complete, list_checkpoints
 from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.checkpoint.preemption import Preempted, preemption_requested, preemption_signals
 from fastmath_nemo.config.schema import OptimizerConfig, SFTConfig
 from fastmath_nemo.policy.models import build_tiny_model
 from fastmath_nemo.policy.torch_policy import TorchPolicy
-from fastmath_nemo.utils import preemption
 from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics
-from fastmath_nemo.utils.preemption import Preempted, preemption_requested, preemption_signals
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -74,7 +75,8 @@ SFT = SFTConfig(epochs=2, rows_per_step=8, max_seq_len=512, packing=False, save_
 def _sft(stage: Path, task, data, *, touch_stop_in_step: int | None = None, resume: bool = False) -> list[int]:
     """One ``run_sft`` on a fresh policy (same init); the stop file is created during step
     ``touch_stop_in_step``. Returns the epochs evaluated."""
-    policy = TorchPolicy(build_tiny_model(task.model_cfg, task.tokenizer, seed=11), torch.device("cpu"))
+    policy = TorchPolicy(build_tiny_model(task.model_cfg, task.tokenizer, seed=11), torch.device("cpu"),
+                         micro_batching=MicroBatching(rows=4))
     if touch_stop_in_step is not None:
         calls, real_step = [0], policy.train_step
 
@@ -88,7 +90,7 @@ def _sft(stage: Path, task, data, *, touch_stop_in_step: int | None = None, resu
     evaluated: list[int] = []
     with MetricsLogger(stage / "metrics.jsonl") as metrics:
         run_sft(policy, data, SFT, CheckpointManager(stage, task.tokenizer, 2), metrics, seed=5,
-                micro_batch_rows=4, resume=resume, on_epoch_end=lambda e: evaluated.append(e) or {})
+                resume=resume, on_epoch_end=lambda e: evaluated.append(e) or {})
     return evaluated
 
 

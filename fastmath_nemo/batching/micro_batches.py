@@ -1,8 +1,8 @@
-"""Micro-batches of an optimizer step, and the step's totals that normalise its loss.
+"""Micro-batches of an optimizer step: how its rows are split, and their results merged back.
 
 Shapes: a step batch has ``B`` rows of ``T`` tokens; a micro-batch ``i`` has ``b_i`` of them,
 trimmed to its own longest row ``w_i <= T`` (rows are right-padded, see
-:mod:`fastmath_nemo.batch`).
+:mod:`fastmath_nemo.batching.batch`).
 
 Two ways to split (:class:`MicroBatching`, from ``policy.micro_batch_rows`` and
 ``policy.max_tokens_per_micro_batch``):
@@ -12,13 +12,14 @@ Two ways to split (:class:`MicroBatching`, from ``policy.micro_batch_rows`` and
   ``b_i * w_i <= max_tokens``; a row longer than the budget is a micro-batch alone. Memory
   is then bounded by the budget, not by the step's longest row times its row count.
 
-How the rows are split must not change the gradient: the loop computes :func:`step_totals`
-(over every micro-batch of every data-parallel rank), binds them into the loss, and the
-policy sums the micro-batch losses and :func:`reduce_step_metrics` (see
-:mod:`fastmath_nemo.algorithms.losses` for the contract).
+One :class:`MicroBatching` per run, built from the config by :meth:`MicroBatching.of`: the
+policy holds it (``Policy.micro_batching``), splits its ``logprobs`` passes with it, and the
+stage loops split each step's rows with the same one.
 
-This module uses torch.distributed through :mod:`fastmath_nemo.utils.distributed` only (no
-megatron): the data-parallel group is whatever the backend registered there.
+How the rows are split must not change the gradient: the loop computes the step's totals
+over every micro-batch of every data-parallel rank (:mod:`fastmath_nemo.batching.step_totals`),
+binds them into the loss, and the policy sums the micro-batch losses (see
+:mod:`fastmath_nemo.algorithms.losses` for the contract).
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from fastmath_nemo.algorithms.losses import StepTotals
-from fastmath_nemo.batch import Batch
-from fastmath_nemo.utils.distributed import all_reduce_data_parallel
+from fastmath_nemo.batching.batch import Batch
+from fastmath_nemo.config.schema import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,11 @@ class MicroBatching:
             raise ValueError(f"rows must be positive, got {self.rows}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+
+    @classmethod
+    def of(cls, cfg: PolicyConfig) -> "MicroBatching":
+        """``policy.micro_batch_rows`` / ``policy.max_tokens_per_micro_batch``: the run's split."""
+        return cls(rows=cfg.micro_batch_rows, max_tokens=cfg.max_tokens_per_micro_batch)
 
 
 def row_lengths(batch: Batch) -> list[int]:
@@ -123,39 +128,3 @@ def merge_rows(parts: Sequence[torch.Tensor], micro: Sequence[Batch], groups: Se
         index = torch.tensor(list(group), dtype=torch.long, device=out.device)
         out[index, : m.width] = part[: len(group), : m.width].to(out.device)
     return out
-
-
-def step_totals(micro: Sequence[Batch]) -> StepTotals:
-    """Totals of one optimizer step: this rank's micro-batches, summed (``longest``: max)
-    over the data-parallel ranks. Every data-parallel rank must call it (a collective)."""
-    local = [StepTotals.of(m.loss_mask) for m in micro]
-    sums = torch.tensor(
-        [[t.target_tokens, t.sequences, t.rows] for t in local] or [[0.0, 0.0, 0.0]], dtype=torch.float64
-    ).sum(dim=0)
-    longest = torch.tensor([max((t.longest for t in local), default=0)], dtype=torch.float64)
-    sums = all_reduce_data_parallel(sums, "sum")
-    longest = all_reduce_data_parallel(longest, "max")
-    return StepTotals(
-        target_tokens=float(sums[0]), sequences=float(sums[1]), rows=float(sums[2]), longest=int(longest[0])
-    )
-
-
-def reduce_step_metrics(per_micro: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Step metrics from each micro-batch's metrics (0-d tensors): summed over micro-batches
-    and data-parallel ranks, except keys ending in ``_max``, which are maxima.
-
-    With step totals bound into the loss every metric is a share of the step's value (see
-    :mod:`fastmath_nemo.algorithms.losses`), so the sum is that value. A collective: every
-    data-parallel rank calls it, with the same keys.
-    """
-    keys = sorted({k for m in per_micro for k in m})
-    maxima = [k for k in keys if k.endswith("_max")]
-    sums = [k for k in keys if not k.endswith("_max")]
-
-    def local(key: str, reduce_max: bool) -> float:
-        values = [float(m[key]) for m in per_micro if key in m]
-        return max(values) if reduce_max else sum(values)
-
-    summed = all_reduce_data_parallel(torch.tensor([local(k, False) for k in sums], dtype=torch.float64), "sum")
-    maxed = all_reduce_data_parallel(torch.tensor([local(k, True) for k in maxima], dtype=torch.float64), "max")
-    return {**dict(zip(sums, summed.tolist())), **dict(zip(maxima, maxed.tolist()))}
