@@ -82,15 +82,6 @@ def test_defaults_inheritance_sft_from_recipe():
     assert a == b
 
 
-def test_paper_config_overrides_recipe_but_keeps_the_rest():
-    cfg = load_config("paper_14b", NEEDS_OVERRIDES["paper_14b"])
-    assert cfg.stage == "recipe"
-    assert cfg.eval.k_values == [8, 64] and cfg.eval.n_samples == 64
-    assert cfg.grpo.rewards[1].kwargs == {"max_len": 30000}
-    assert cfg.sft.optimizer.betas == [0.9, 0.95]  # from recipe.yaml
-    assert cfg.data.synthetic.max_checks == _recipe_yaml().data.synthetic.max_checks  # from recipe.yaml
-
-
 def test_stage_specific_files():
     assert load_config("grpo").grpo.init_from == "runs/recipe/sft/final"
     assert load_config("eval").eval.checkpoint == "runs/recipe/grpo/final"
