@@ -47,7 +47,14 @@ from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.policy.models import DTYPES, build_tiny_model, load_pretrained
 from fastmath_nemo.policy.presets import preset_model_dir
 from fastmath_nemo.policy.torch_policy import TorchPolicy
-from fastmath_nemo.utils.distributed import barrier, init_distributed_if_needed, is_rank0, resolve_device, seed_everything
+from fastmath_nemo.utils.distributed import (
+    barrier,
+    init_distributed_if_needed,
+    is_rank0,
+    release_device_memory,
+    resolve_device,
+    seed_everything,
+)
 from fastmath_nemo.utils.metric_sinks import MetricSink, build_sinks
 from fastmath_nemo.utils.metrics_logger import METRICS_FILENAME, MetricsLogger, read_metrics
 from fastmath_nemo.utils.topology import vllm_tensor_parallel_size
@@ -285,6 +292,8 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
             rows.append(row)
         if generator is not None:
             generator.close()
+            generator = None
+            release_device_memory()  # before the next model's engine sizes its cache
     if is_rank0():
         # The GRPO stage's choice (algorithms.checkpoint_choice) sits beside its output folder.
         kept_file = models["grpo"].parent / KEPT_FILE if "grpo" in models else None
@@ -326,10 +335,14 @@ def run_stage(cfg: Config) -> dict[str, Any]:
     run = start_run(cfg)
     data = load_task_data(cfg)
     out: dict[str, Any] = {}
+    # Each stage's policy, optimizer and generator are its locals: gone when it returns, and
+    # their device memory is released before the next stage allocates its own.
     if cfg.stage in (Stage.recipe, Stage.sft):
         out["sft"] = sft_stage(run, data, Path(cfg.sft.init_from) if cfg.sft.init_from else base_model_dir(run, data))
+        release_device_memory()
     if cfg.stage in (Stage.recipe, Stage.grpo):
         out["grpo"] = grpo_stage(run, data, Path(cfg.grpo.init_from) if cfg.grpo.init_from else out["sft"])
+        release_device_memory()
     if cfg.stage in (Stage.recipe, Stage.eval):
         if cfg.stage == Stage.eval:
             models = {"model": Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else base_model_dir(run, data)}
