@@ -54,6 +54,7 @@ from fastmath_nemo.utils.distributed import (
     release_device_memory,
     resolve_device,
     seed_everything,
+    set_distributed_timeout,
 )
 from fastmath_nemo.utils.metric_sinks import MetricSink, build_sinks
 from fastmath_nemo.utils.metrics_logger import METRICS_FILENAME, MetricsLogger, read_metrics
@@ -307,6 +308,7 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
 # -- entry point -------------------------------------------------------------------------
 def start_run(cfg: Config) -> Run:
     device = resolve_device(cfg.policy.device)
+    set_distributed_timeout(cfg.run.distributed_timeout_s)  # before any process group exists
     init_distributed_if_needed(device)
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.dir or Path("runs") / cfg.run.name)

@@ -13,7 +13,7 @@ from fastmath_nemo.data.chat import ChatTemplateError
 from fastmath_nemo.data.loading import DataError
 from fastmath_nemo.pipeline import run_stage
 from fastmath_nemo.preflight import check_model_folders, load_config
-from fastmath_nemo.utils.distributed import destroy_distributed, setup_logging
+from fastmath_nemo.utils.distributed import destroy_distributed, is_collective_failure, rank, setup_logging
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"{stop} (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
+        print(f"error: rank {rank()}: a collective failed ({str(err).splitlines()[0]}): another rank died or "
+              f"waited longer than run.distributed_timeout_s={cfg.run.distributed_timeout_s:g} s (the first rank "
+              "to fail says why); resume=true continues from the last checkpoint", file=sys.stderr)
+        return 1
     finally:
         # Under torchrun: gloo's threads still running at interpreter exit abort the process
         # (exit code -6 after a finished run), so the process group goes first.

@@ -41,8 +41,15 @@ from fastmath_nemo.generation.base import Generator, Rollouts
 from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
-from fastmath_nemo.rewards.verify import verify_many
-from fastmath_nemo.utils.distributed import all_gather_objects, all_reduce_data_parallel, is_rank0, shard
+from fastmath_nemo.rewards.verify import verify_pairs
+from fastmath_nemo.utils.distributed import (
+    all_gather_objects,
+    all_reduce_data_parallel,
+    is_rank0,
+    map_over_replica,
+    once_per_replica,
+    shard,
+)
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -61,16 +68,20 @@ def score_rollouts(
     rollouts: Rollouts, prompts: list[list[int]], golds: list[str], tokenizer: PreTrainedTokenizerBase,
     cfg: GRPOConfig,
 ) -> RolloutBatch:
-    """Decode, verify once, compute the weighted rewards and build the training batch."""
+    """Decode, verify once, compute the weighted rewards and build the training batch.
+
+    Once per model replica: its ranks (TP / PP / CP peers, the same rollouts) split the
+    verification and share the verdicts, and its first rank computes the rewards for all."""
     texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
     row_golds = [golds[p] for p in rollouts.prompt_index]
-    correct = verify_many(texts, row_golds, cfg.verify_timeout_s)
+    correct = map_over_replica(functools.partial(verify_pairs, timeout_s=cfg.verify_timeout_s),
+                               list(zip(texts, row_golds)))
     lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], cfg.length_unit)
     specs = [(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
-    total, per_reward = compute_rewards(
+    total, per_reward = once_per_replica(lambda: compute_rewards(
         specs, texts, row_golds, lengths, rollouts.prompt_index, correct=correct, timeout_s=cfg.verify_timeout_s,
         finish_reasons=rollouts.finish_reasons,
-    )
+    ))
     sequences, masks, rollout_lp = [], [], []
     for p, completion, lps in zip(rollouts.prompt_index, rollouts.token_ids, rollouts.logprobs):
         sequences.append(prompts[p] + completion)

@@ -187,6 +187,11 @@ class RunConfig:
     dir: Optional[str] = None  # default runs/<name>
     seed: int = 1234
     log_level: str = "INFO"
+    # How long a collective may wait for a rank, in every process group of the run (trainer,
+    # megatron, vLLM engines): longer than any rank waits on another, which is at most one
+    # rollout or evaluation pass of unequal length (32k-token samples on engines that drew
+    # different lengths); a dead or stuck rank then ends the job with an error instead of a hang.
+    distributed_timeout_s: float = 7200.0
     plan: bool = False  # validate for the world size, print a per-GPU memory estimate, load nothing
     plan_world_size: Optional[int] = None  # run.plan: ranks to plan for (null: env WORLD_SIZE, else 1)
     plan_gpu_memory_gib: Optional[float] = None  # run.plan: per-GPU memory (null: this GPU's, else an H100 80GB's)

@@ -71,6 +71,7 @@ def check_config(cfg: s.Config) -> None:
     if cfg.run.plan_gpu_memory_gib is not None:
         _positive("run.plan_gpu_memory_gib", cfg.run.plan_gpu_memory_gib)
     _positive("run.plan_prompt_tokens", cfg.run.plan_prompt_tokens)
+    _positive("run.distributed_timeout_s", cfg.run.distributed_timeout_s)
     _check_model(cfg.model)
     _check_stage(cfg)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -18,8 +19,8 @@ from fastmath_nemo.evaluation.samples import EvalSample, write_samples
 from fastmath_nemo.generation.base import Generator
 from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.rewards.extract import last_boxed_answer
-from fastmath_nemo.rewards.verify import verify_many
-from fastmath_nemo.utils.distributed import all_gather_objects, is_rank0, shard
+from fastmath_nemo.rewards.verify import verify_pairs
+from fastmath_nemo.utils.distributed import all_gather_objects, is_rank0, map_over_replica, shard
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ def evaluate(
     rollouts = generator.generate(prompts, params, progress=label if is_rank0() else None)
     elapsed = time.perf_counter() - t0
     texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
-    correct = verify_many(texts, [records[p].answer for p in rollouts.prompt_index], verify_timeout_s)
+    # a model replica's ranks hold the same samples: they split the verification
+    correct = map_over_replica(functools.partial(verify_pairs, timeout_s=verify_timeout_s),
+                               [(text, records[p].answer) for text, p in zip(texts, rollouts.prompt_index)])
     seen: dict[int, int] = {}  # completions so far per prompt: the sample's index
     samples = []
     for p, text, ok, ids, reason in zip(rollouts.prompt_index, texts, correct, rollouts.token_ids,

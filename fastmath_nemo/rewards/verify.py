@@ -207,6 +207,11 @@ def verify_many(completions: list[str], golds: list[str], timeout_s: float = 2.0
     return results
 
 
+def verify_pairs(pairs: list[tuple[str, str]], timeout_s: float = 2.0) -> list[bool]:
+    """:func:`verify_many` of ``(completion, gold)`` pairs (the form a split over ranks takes)."""
+    return verify_many([text for text, _ in pairs], [gold for _, gold in pairs], timeout_s)
+
+
 def verify_answer(completion_text: str, gold: str, timeout_s: float = 2.0) -> bool:
     """True iff the last ``\\boxed{}`` of ``completion_text`` is equivalent to ``gold``."""
     return verify_many([completion_text], [gold], timeout_s)[0]

@@ -11,7 +11,9 @@ import gc
 import logging
 import os
 import random
-from typing import Literal
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,8 @@ import torch.distributed as dist
 from fastmath_nemo.config.schema import Device
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _initialized() -> bool:
@@ -49,14 +53,56 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
+# -- timeouts ---------------------------------------------------------------------------------
+_timeout: timedelta | None = None  # run.distributed_timeout_s; None: torch's defaults
+
+
+def set_distributed_timeout(seconds: float) -> None:
+    """How long any collective may wait for a rank (``run.distributed_timeout_s``), for every
+    process group made from now on in this process: the trainer's (:func:`init_distributed_if_needed`),
+    megatron's (``policy/megatron/parallel.py`` passes it on) and those libraries make without a
+    ``timeout`` argument, such as vLLM's engine groups, which take torch's module defaults: those
+    are set here too (NCCL's is 10 minutes, shorter than a rank's wait while another finishes a
+    32k-token rollout). A collective left waiting longer by a dead or stuck rank raises."""
+    global _timeout
+    _timeout = timedelta(seconds=seconds)
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = _timeout
+    c10d.default_pg_nccl_timeout = _timeout
+
+
+def distributed_timeout() -> timedelta | None:
+    """The timeout set by :func:`set_distributed_timeout`, or None (torch's defaults)."""
+    return _timeout
+
+
+# How gloo words a peer that never came (its timeout) or went away (a killed rank).
+_LOST_PEER = ("Timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that waited past the timeout or lost a rank (NCCL raises
+    ``DistBackendError``; gloo a RuntimeError saying so)."""
+    distributed_error = getattr(dist, "DistBackendError", ())
+    return (isinstance(distributed_error, type) and isinstance(err, distributed_error)) or (
+        isinstance(err, RuntimeError) and any(words in str(err) for words in _LOST_PEER))
+
+
 # Model-parallel backends (megatron) set the data-parallel group: tensor- and pipeline-parallel
 # peers must see the same rows, so data is split over data-parallel ranks only.
 _data_parallel_group: dist.ProcessGroup | None = None
+# The ranks that hold one model replica (TP x PP x CP peers: the same data-parallel rank) and so
+# the same rows; None: every rank is a replica of its own.
+_replica_group: dist.ProcessGroup | None = None
 
 
 def set_data_parallel_group(group: dist.ProcessGroup | None) -> None:
-    global _data_parallel_group
+    """Register the backend's data-parallel group (None: the whole world); the model-replica
+    group is dropped with it (:func:`register_model_replicas` builds it again)."""
+    global _data_parallel_group, _replica_group
     _data_parallel_group = group
+    _replica_group = None
 
 
 def _dp_group() -> dist.ProcessGroup | None:
@@ -72,6 +118,53 @@ def data_parallel_rank() -> int:
 def data_parallel_size() -> int:
     group = _dp_group()
     return dist.get_world_size(group) if group is not None else world_size()
+
+
+def register_model_replicas() -> None:
+    """Group the ranks that share a data-parallel rank (one model replica's TP, PP and CP peers,
+    which hold the same rows), for :func:`map_over_replica` and :func:`once_per_replica`. A
+    collective over the world; call after :func:`set_data_parallel_group`."""
+    global _replica_group
+    if not _initialized() or dist.get_world_size() == 1:
+        return
+    dp_ranks: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(dp_ranks, data_parallel_rank())
+    members = [[r for r, d in enumerate(dp_ranks) if d == dp] for dp in sorted(set(dp_ranks))]
+    _replica_group, _ = dist.new_subgroups_by_enumeration(members, timeout=_timeout)
+
+
+def _replica() -> dist.ProcessGroup | None:
+    group = _replica_group if _replica_group is not None and _initialized() else None
+    return group if group is not None and dist.get_world_size(group) > 1 else None
+
+
+def map_over_replica(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
+    """``fn(items)`` computed once per model replica: the replica's ranks (which hold the same
+    ``items``) each take every n-th item and share their results, so work such as answer
+    verification is split over a replica's TP ranks, not repeated on each. ``fn`` maps a list
+    to a list of the same length. A collective over the replica; ``fn(items)`` without one."""
+    group = _replica()
+    if group is None:
+        return fn(items)
+    size, index = dist.get_world_size(group), dist.get_rank(group)
+    mine = fn(items[index::size])
+    parts: list[list[R] | None] = [None] * size
+    dist.all_gather_object(parts, mine, group=group)
+    out: list[Any] = [None] * len(items)
+    for k, part in enumerate(parts):
+        assert part is not None
+        out[k::size] = part
+    return out
+
+
+def once_per_replica(fn: Callable[[], R]) -> R:
+    """``fn()`` on the first rank of this model replica, its result on every rank of the replica
+    (a collective over the replica; ``fn()`` without one)."""
+    group = _replica()
+    if group is None:
+        return fn()
+    first = dist.get_process_group_ranks(group)[0]
+    return broadcast_object(fn() if dist.get_rank() == first else None, src=first, group=group)  # type: ignore[return-value]
 
 
 def broadcast_object(value: object, src: int = 0, group: dist.ProcessGroup | None = None) -> object:
@@ -127,7 +220,7 @@ def init_distributed_if_needed(device: Device | str | torch.device) -> bool:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, init_method="env://")
+    dist.init_process_group(backend=backend, init_method="env://", timeout=_timeout)
     return True
 
 

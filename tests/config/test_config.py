@@ -161,6 +161,7 @@ def test_invalid_choice_names_the_key_and_the_choices():
         (["generation.min_p=1.0"], "generation.min_p"),
         (["policy.micro_batch_rows=0"], "policy.micro_batch_rows"),
         (["grpo.tis_cap=0.5"], "grpo.tis_cap"),
+        (["run.distributed_timeout_s=0"], "run.distributed_timeout_s"),
         (["grpo.mismatch_every_steps=-1"], "grpo.mismatch_every_steps"),
         (["sft.optimizer.betas=[0.9]"], "sft.optimizer.betas"),
         (["grpo.rewards=[{name: nope}]"], "grpo.rewards[0].name"),

@@ -7,6 +7,7 @@ port, so TP=PP=1 works in a plain Python process (tests, notebooks).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
-from fastmath_nemo.utils.distributed import set_data_parallel_group
+from fastmath_nemo.utils.distributed import distributed_timeout, set_data_parallel_group
 
 _owns_process_group = False
 
@@ -53,12 +54,12 @@ def _init_process_group() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if cuda else "gloo"
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        dist.init_process_group(backend=backend, init_method="env://")
+        dist.init_process_group(backend=backend, init_method="env://", timeout=distributed_timeout())
     else:
         # A world of one on a fresh port, passed directly: setting MASTER_PORT in the
         # environment would leak into child processes, which then collide on the port.
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                world_size=1)
+                                world_size=1, timeout=distributed_timeout())
     _owns_process_group = True
 
 
@@ -88,8 +89,10 @@ def init_model_parallel(tp: int, pp: int, seed: int, cp: int = 1) -> None:
         if not same:
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
+        timeout = distributed_timeout()  # run.distributed_timeout_s, in megatron's whole minutes
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+            **({"distributed_timeout_minutes": math.ceil(timeout.total_seconds() / 60)} if timeout else {}),
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -54,6 +54,7 @@ from fastmath_nemo.utils.distributed import (
     data_parallel_size,
     every_rank,
     is_rank0,
+    register_model_replicas,
     set_data_parallel_group,
 )
 
@@ -117,8 +118,10 @@ class MegatronPolicy:
         init_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed, cfg.context_parallel_size)
         from megatron.core import parallel_state
 
-        # rows are sharded over data-parallel ranks; context-parallel peers share theirs
+        # rows are sharded over data-parallel ranks; context-parallel peers share theirs, and the
+        # ranks of one replica split the work done on its rows (answer verification)
         set_data_parallel_group(parallel_state.get_data_parallel_group())
+        register_model_replicas()
         self._cp_rank = parallel_state.get_context_parallel_rank()
         self.model_dir = Path(model_dir)
         self.seed = seed
