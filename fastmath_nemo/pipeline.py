@@ -41,7 +41,7 @@ from fastmath_nemo.data.synthetic import generate_splits
 from fastmath_nemo.data.tokenizer import build_task_tokenizer
 from fastmath_nemo.evaluation.report import EvalRow, format_table, write_report
 from fastmath_nemo.evaluation.runner import evaluate
-from fastmath_nemo.generation.base import Generator
+from fastmath_nemo.generation.base import Generator, RolloutsAbandoned
 from fastmath_nemo.generation.torch_generator import TorchGenerator
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.policy.models import DTYPES, build_tiny_model, load_pretrained
@@ -202,7 +202,8 @@ def make_generator(run: Run, model_dir: Path, tokenizer: PreTrainedTokenizerBase
 # -- stages ------------------------------------------------------------------------------
 def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
     cfg = run.cfg
-    checkpoints = CheckpointManager(run.dir / "sft", load_tokenizer(init_dir, cfg.data.chat_template), cfg.sft.keep_last_checkpoints)
+    checkpoints = CheckpointManager(run.dir / "sft", load_tokenizer(init_dir, cfg.data.chat_template),
+                                    cfg.sft.keep_last_checkpoints, async_save=cfg.checkpoint.async_save)
     if cfg.resume and checkpoints.is_finished():
         logger.info("SFT already finished: %s", checkpoints.final_dir)
         return checkpoints.final_dir
@@ -231,7 +232,8 @@ def sft_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
 
 def grpo_stage(run: Run, data: TaskData, init_dir: Path) -> Path:
     cfg = run.cfg
-    checkpoints = CheckpointManager(run.dir / "grpo", load_tokenizer(init_dir, cfg.data.chat_template), cfg.grpo.keep_last_checkpoints)
+    checkpoints = CheckpointManager(run.dir / "grpo", load_tokenizer(init_dir, cfg.data.chat_template),
+                                    cfg.grpo.keep_last_checkpoints, async_save=cfg.checkpoint.async_save)
     if cfg.resume and checkpoints.is_finished():
         logger.info("GRPO already finished: %s", checkpoints.final_dir)
         return checkpoints.final_dir
@@ -281,9 +283,12 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
                 generator = make_generator(run, model_dir, tokenizer)
             logger.info("evaluating %s at a %d-token budget on %d problems x %d samples",
                         name, budget, len(data.eval), cfg.eval.n_samples)
-            summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, budget,
-                               cfg.data.system_prompt, cfg.grpo.verify_timeout_s, label=f"{name}@{budget}",
-                               samples_path=run.dir / "eval" / f"{name}@{budget}.samples.jsonl")
+            try:
+                summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, budget,
+                                   cfg.data.system_prompt, cfg.grpo.verify_timeout_s, label=f"{name}@{budget}",
+                                   samples_path=run.dir / "eval" / f"{name}@{budget}.samples.jsonl")
+            except RolloutsAbandoned:  # a stop request: the evaluations cached so far are kept
+                raise_preempted("eval", len(rows), cached.parent)
             row = EvalRow(name, budget, summary)
             numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
             run.metrics.log(f"eval/{name}@{budget}", 0, numbers)

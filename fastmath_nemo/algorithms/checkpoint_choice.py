@@ -12,8 +12,11 @@
 As the reference repository saved every 5 steps and picked by evaluation. With keep=best the
 best-so-far weights are saved as ``<stage>/candidates/step_N`` when found (the last step's
 are the policy itself), and moved to ``<stage>/final`` at the end. The evaluations so far are
-part of every checkpoint's loop state, so a resumed run chooses as an uninterrupted one; a
-candidate is deleted only once a checkpoint recording a newer best has been written.
+part of every checkpoint's loop state, so a resumed run chooses as an uninterrupted one. A
+candidate is deleted as soon as nothing can choose it: neither this run (a newer evaluation
+beat it, and the best of a growing history never goes back to an older one) nor a run resumed
+from the newest complete checkpoint (whose recorded evaluations may name an older best). At
+14B a candidate is a 29.5 GB Hugging Face folder: at most two exist at once.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class CheckpointChoice:
     def restore(self, state: dict[str, Any], checkpoint: Path) -> None:
         """The evaluations recorded in a resumed ``checkpoint``'s loop state (:meth:`state`)."""
         self.history = [HeldoutResult.from_dict(d) for d in state.get("heldout", [])]
+        self.checkpoints.committed_state = state
         self.metrics.resume(HELDOUT_STAGE, int(state["step"]))  # a killed run's later evaluations are redone
         if self.evaluate is not None and not self.history:
             raise ValueError(f"{checkpoint}: no held-out evaluation of the GRPO start (step 0) in this checkpoint "
@@ -136,20 +140,33 @@ class CheckpointChoice:
                                                 "heldout/mean_tokens": result.mean_tokens})
         if self.cfg.keep == "best" and step < self.cfg.steps and self._kept() == step:
             self.checkpoints.save_as(policy, self.candidates / f"step_{step}", {"step": step})
+            self.prune_candidates()
 
     def save_checkpoint(self, policy: Any, step: int) -> Path:
-        """A resumable checkpoint with the evaluations so far; then the candidates that no
-        checkpoint can need any more (all but the best so far) are deleted."""
+        """A resumable checkpoint with the evaluations so far (once it is complete, the
+        candidates only older checkpoints named go: :meth:`prune_candidates`)."""
         path = self.checkpoints.save(policy, step, self.state())
-        if is_rank0() and self.history:
-            kept = self._kept()
-            for candidate_step, candidate in list_checkpoints(self.candidates):
-                if candidate_step != kept:
-                    shutil.rmtree(candidate)
+        self.prune_candidates()
         return path
+
+    def prune_candidates(self) -> None:
+        """Delete the candidates nothing can choose any more (rank 0; the module docstring says
+        which): all but the best so far and the best the newest complete checkpoint records."""
+        if not self.history or not is_rank0():
+            return
+        needed = {self._kept()}
+        committed = self.checkpoints.committed_state
+        if committed is not None and committed.get("heldout"):
+            recorded = [HeldoutResult.from_dict(d) for d in committed["heldout"]]
+            needed.add(choose(recorded, self.cfg.keep, self.cfg.keep_tolerance, self.cfg.steps,
+                              self.cfg.keep_tokens_tolerance)[0])
+        for candidate_step, candidate in list_checkpoints(self.candidates):
+            if candidate_step not in needed:
+                shutil.rmtree(candidate)
 
     def finish(self, policy: Any) -> Path:
         """Write ``<stage>/final`` with the kept weights and ``<stage>/kept.json``."""
+        self.checkpoints.wait()  # a checkpoint still being written is completed first
         steps = self.cfg.steps
         kept, reason = choose(self.history, self.cfg.keep, self.cfg.keep_tolerance, steps,
                               self.cfg.keep_tokens_tolerance)

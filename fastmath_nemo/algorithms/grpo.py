@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -33,11 +33,11 @@ from fastmath_nemo.batching.batch import Batch, batch_from_sequences
 from fastmath_nemo.batching.micro_batches import micro_batches
 from fastmath_nemo.batching.step_totals import step_totals
 from fastmath_nemo.checkpoint.manager import CheckpointManager
-from fastmath_nemo.checkpoint.preemption import preemption_requested, stop_for_preemption
+from fastmath_nemo.checkpoint.preemption import preemption_requested, raise_preempted, stop_for_preemption
 from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig
 from fastmath_nemo.data.chat import prompt_ids
 from fastmath_nemo.data.records import MathRecord
-from fastmath_nemo.generation.base import Generator, Rollouts
+from fastmath_nemo.generation.base import Generator, Rollouts, RolloutsAbandoned
 from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
@@ -143,7 +143,18 @@ def run_grpo(
 
     base_params = sampling_params(tokenizer, gen_cfg, cfg.num_generations, gen_cfg.max_tokens,
                                   gen_cfg.temperature, gen_cfg.top_p, gen_cfg.min_p, seed=None)
-    choice.after_step(start, policy, generator)  # step 0: the start the kept step is held to
+    saved_at = [start]  # the latest step whose checkpoint exists (0: none is needed)
+
+    def stop(completed: int) -> NoReturn:
+        """Preemption: keep the state after ``completed`` steps (its checkpoint) and exit."""
+        if completed == 0:  # nothing trained yet: a resumed run starts over, as this one did
+            raise_preempted("grpo", 0, None)
+        stop_for_preemption(checkpoints, policy, "grpo", completed, choice.state(), saved=saved_at[0] == completed)
+
+    try:
+        choice.after_step(start, policy, generator)  # step 0: the start the kept step is held to
+    except RolloutsAbandoned:
+        stop(start)
     progress = tqdm(total=cfg.steps, initial=start, desc="grpo", disable=not is_rank0())
     for step in range(start, cfg.steps):
         # Under torchrun each rank rolls out and trains on its own prompts (equal shares).
@@ -154,6 +165,10 @@ def run_grpo(
         rollouts = generator.generate([prompts[i] for i in chosen], params)
         generator.sleep()
         t_gen = time.perf_counter() - t0
+        # Rollouts can take far longer than a preemption's warning: a stop request abandons
+        # them (any rank's), and the run keeps the state after the last complete step.
+        if preemption_requested():
+            stop(step)
 
         t0 = time.perf_counter()
         scored = score_rollouts(rollouts, [prompts[i] for i in chosen], [golds[i] for i in chosen], tokenizer, cfg)
@@ -196,13 +211,17 @@ def run_grpo(
         progress.update(1)
         progress.set_postfix(reward=f"{step_metrics['reward/mean']:.3f}", acc=f"{step_metrics['accuracy']:.2f}",
                              len=f"{step_metrics['completion/mean_tokens']:.0f}")
-        choice.after_step(step + 1, policy, generator)
-        saved = bool(cfg.save_every_steps) and (step + 1) % cfg.save_every_steps == 0 and step + 1 < cfg.steps
-        if saved:
+        try:
+            choice.after_step(step + 1, policy, generator)
+        except RolloutsAbandoned:  # the step is complete; a resumed run evaluates it
+            stop(step + 1)
+        checkpoints.poll()  # completes an asynchronous checkpoint whose write has finished
+        if bool(cfg.save_every_steps) and (step + 1) % cfg.save_every_steps == 0 and step + 1 < cfg.steps:
             choice.save_checkpoint(policy, step + 1)
+            saved_at[0] = step + 1
         # After the refit, so that a resumed run's sampler starts from the same weights.
         if step + 1 < cfg.steps and preemption_requested():
-            stop_for_preemption(checkpoints, policy, "grpo", step + 1, choice.state(), saved=saved)
+            stop(step + 1)
     progress.close()
     return choice.finish(policy)
 

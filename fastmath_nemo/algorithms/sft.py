@@ -28,6 +28,7 @@ from fastmath_nemo.config.schema import SFTConfig
 from fastmath_nemo.data.chat import sft_example
 from fastmath_nemo.data.packing import Example, fit_to_length, packed_step_batches, unpacked_batch
 from fastmath_nemo.data.records import MathRecord
+from fastmath_nemo.generation.base import RolloutsAbandoned
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.utils.distributed import data_parallel_rank, data_parallel_size, is_rank0
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
@@ -114,13 +115,27 @@ def run_sft(
     steps_per_epoch = len(step_batches(data, cfg, seed, 0))
     total_steps = cfg.epochs * steps_per_epoch
     policy.setup_optimizer(cfg.optimizer, total_steps)
-    start = 0
+    start, unevaluated = 0, None
     if resume and (latest := checkpoints.latest()) is not None:
-        start = int(policy.load(latest)["step"])
+        state = policy.load(latest)
+        start, unevaluated = int(state["step"]), state.get("evaluate_epoch")
         logger.info("resuming SFT from %s (step %d of %d)", latest, start, total_steps)
         for stage in ("sft", "sft_eval"):  # supersede steps a killed run logged after its checkpoint
             metrics.resume(stage, start)
     logger.info("SFT: %d examples, %d epochs x %d steps", len(data.examples), cfg.epochs, steps_per_epoch)
+
+    def evaluate_epoch(epoch: int, step: int) -> None:
+        """The evaluation after ``epoch`` epochs (``step`` steps); a stop request during it
+        keeps that step, marked for the evaluation a resumed run then makes first."""
+        if not cfg.eval_every_epoch or on_epoch_end is None:
+            return
+        try:
+            metrics.log("sft_eval", step, {"epoch": epoch, **on_epoch_end(epoch)})
+        except RolloutsAbandoned:
+            stop_for_preemption(checkpoints, policy, "sft", step, {"epoch": epoch - 1, "evaluate_epoch": epoch})
+
+    if unevaluated is not None:  # the run stopped in this epoch's evaluation
+        evaluate_epoch(int(unevaluated), start)
 
     progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not is_rank0())
     step = start
@@ -138,6 +153,7 @@ def run_sft(
             progress.set_postfix(loss=f"{result['loss']:.4f}", epoch=epoch + 1)
             metrics.log("sft", step, {**result, "epoch": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch},
                         console=step % LOG_EVERY == 0)
+            checkpoints.poll()  # completes an asynchronous checkpoint whose write has finished
             saved = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0 and step < total_steps
             if saved:
                 checkpoints.save(policy, step, {"epoch": epoch})
@@ -145,8 +161,7 @@ def run_sft(
             # so a resumed run has every epoch's evaluation, as an uninterrupted one.
             if step % steps_per_epoch and preemption_requested():
                 stop_for_preemption(checkpoints, policy, "sft", step, {"epoch": epoch}, saved=saved)
-        if cfg.eval_every_epoch and on_epoch_end is not None:
-            metrics.log("sft_eval", step, {"epoch": epoch + 1, **on_epoch_end(epoch + 1)})
+        evaluate_epoch(epoch + 1, step)
         if step < total_steps and preemption_requested():
             stop_for_preemption(checkpoints, policy, "sft", step, {"epoch": epoch}, saved=saved)
     progress.close()

@@ -88,30 +88,43 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None
 def atomic_directory(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a directory under a temp sibling and rename it to ``final_dir`` on success.
 
-    Yields ``<parent>/.tmp-<name>-<pid>``. On success its contents are fsynced and it is
-    renamed into place; an existing ``final_dir`` is first renamed to ``.old-<name>-<pid>``
-    and deleted afterwards, so at every instant the complete old or the complete new
-    directory exists under a recognisable name. On an exception the temp directory is
-    removed and the exception propagates; ``final_dir`` is untouched. A crash between the
-    two renames leaves ``.old-<name>-<pid>`` (and the finished ``.tmp-...``) for manual
-    recovery; :func:`list_checkpoints` ignores both.
+    Yields ``<parent>/.tmp-<name>-<pid>`` (:func:`begin_directory`). On success its contents
+    are fsynced and it is renamed into place (:func:`commit_directory`); on an exception the
+    temp directory is removed and the exception propagates; ``final_dir`` is untouched.
     """
     final_dir = Path(final_dir)
-    parent = final_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f"{TMP_PREFIX}{final_dir.name}-{os.getpid()}"
+    tmp = begin_directory(final_dir)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_directory(tmp, final_dir)
+
+
+def begin_directory(final_dir: str | os.PathLike[str]) -> Path:
+    """A fresh ``<parent>/.tmp-<name>-<pid>`` to build ``final_dir`` in (the half of
+    :func:`atomic_directory` that a write finishing later, such as an asynchronous checkpoint,
+    does first; :func:`commit_directory` is the other)."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.parent / f"{TMP_PREFIX}{final_dir.name}-{os.getpid()}"
     if tmp.exists():
         # Leftover of a crashed run that had the same pid (common in containers).
         shutil.rmtree(tmp)
     tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
 
+
+def commit_directory(tmp: str | os.PathLike[str], final_dir: str | os.PathLike[str]) -> None:
+    """fsync ``tmp``'s contents and rename it to ``final_dir``. An existing ``final_dir`` is
+    first renamed to ``.old-<name>-<pid>`` and deleted afterwards, so at every instant the
+    complete old or the complete new directory exists under a recognisable name; a crash
+    between the two renames leaves ``.old-<name>-<pid>`` (and the finished ``.tmp-...``) for
+    manual recovery, which :func:`list_checkpoints` ignores. On an error ``tmp`` is removed."""
+    tmp, final_dir = Path(tmp), Path(final_dir)
     try:
+        _fsync_tree(tmp)
         _swap_into_place(tmp, final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,13 @@ Who asks:
   verifier's workers, ...) is signalled at all.
 
 Where it is acted on: the SFT and GRPO loops call the collective :func:`preemption_requested`
-once per step, after the step is complete. Any rank's request reaches every rank through one
+once per step, after the step is complete, and right after each rollout. Work that can take
+far longer than the warning is abandoned instead of finished: the generators look at
+:func:`stop_requested_here` every few decoding steps and return what they have, marked
+abandoned; an abandoned rollout is dropped and an abandoned evaluation raises
+``EvaluationAbandoned``. The state after the last complete step is saved either way, so the
+time from a request to the exit is bounded by one training step (which is not cut), a few
+decoding steps and the save (``run.plan`` prints the lead time that needs). Any rank's request reaches every rank through one
 all-reduce (MAX over the whole world, model-parallel peers included), so all ranks save the
 same step's checkpoint together and :func:`stop_for_preemption` raises :class:`Preempted`;
 ``launch/run.py`` turns that into exit code :data:`PREEMPTED_EXIT_CODE`. Rank 0 also writes
@@ -47,10 +53,12 @@ _received: list[int] = []  # signal numbers seen by this process, in order
 
 
 class Preempted(Exception):
-    """The run saved ``checkpoint`` (step ``step`` of ``stage``) and stops so that it can be requeued."""
+    """The run saved ``checkpoint`` (step ``step`` of ``stage``; None: stopped before its first
+    step, with nothing to save) and stops so that it can be requeued."""
 
-    def __init__(self, stage: str, step: int, checkpoint: Path) -> None:
-        super().__init__(f"preempted: {stage} saved step {step} to {checkpoint}; rerun with resume=true")
+    def __init__(self, stage: str, step: int, checkpoint: Path | None) -> None:
+        saved = f"saved step {step} to {checkpoint}" if checkpoint is not None else "stopped before its first step"
+        super().__init__(f"preempted: {stage} {saved}; rerun with resume=true")
         self.stage, self.step, self.checkpoint = stage, step, checkpoint
 
 
@@ -88,6 +96,12 @@ def _local_request() -> str | None:
     return None
 
 
+def stop_requested_here() -> bool:
+    """Whether this process got a stop signal or sees the stop file (no communication: for
+    work that checks often, such as a generator between decoding steps)."""
+    return _local_request() is not None
+
+
 def preemption_requested() -> bool:
     """True on every rank when any rank got a signal or sees the stop file. Collective: all
     ranks must call it at the same point (the loops do, once per step); no communication
@@ -102,16 +116,19 @@ def preemption_requested() -> bool:
 
 def stop_for_preemption(checkpoints: CheckpointManager, policy: Checkpointable, stage: str, step: int,
                         state: dict[str, Any], *, saved: bool = False) -> NoReturn:
-    """Save step ``step`` with loop ``state`` (unless the loop just ``saved`` it), record the
-    stop in ``$FASTMATH_PREEMPTED_FILE`` (rank 0) and raise :class:`Preempted` on every rank."""
+    """Save step ``step`` with loop ``state`` (unless the loop just ``saved`` it), wait until
+    it is complete on disk, record the stop in ``$FASTMATH_PREEMPTED_FILE`` (rank 0) and raise
+    :class:`Preempted` on every rank."""
     path = checkpoints.root / f"step_{step}" if saved else checkpoints.save(policy, step, state)
+    checkpoints.wait()  # an asynchronous write must be on disk before the process exits
     raise_preempted(stage, step, path)
 
 
-def raise_preempted(stage: str, step: int, saved: Path) -> NoReturn:
+def raise_preempted(stage: str, step: int, saved: Path | None) -> NoReturn:
     """Record in ``$FASTMATH_PREEMPTED_FILE`` (rank 0) that ``stage`` stopped with its work up to
-    ``step`` kept in ``saved``, and raise :class:`Preempted`."""
+    ``step`` kept in ``saved`` (None: nothing to keep), and raise :class:`Preempted`."""
     record = os.environ.get(PREEMPTED_FILE_ENV)
     if record and is_rank0():
-        atomic_write_json(Path(record), {"stage": stage, "step": step, "checkpoint": str(saved)})
+        atomic_write_json(Path(record), {"stage": stage, "step": step,
+                                         "checkpoint": str(saved) if saved is not None else None})
     raise Preempted(stage, step, saved)

@@ -196,6 +196,11 @@ class RunConfig:
     plan_world_size: Optional[int] = None  # run.plan: ranks to plan for (null: env WORLD_SIZE, else 1)
     plan_gpu_memory_gib: Optional[float] = None  # run.plan: per-GPU memory (null: this GPU's, else an H100 80GB's)
     plan_prompt_tokens: int = 512  # run.plan: longest GRPO prompt (the reference truncates at 512)
+    plan_gpus_per_node: int = 8  # run.plan: ranks per node, for host memory and checkpoint writes per node
+    plan_write_gib_per_s: float = 2.0  # run.plan: a node's write bandwidth to the checkpoint file system
+    # run.plan: the longest step a stop request does not cut (an SFT step, or GRPO's training
+    # after its rollout), as measured in a short run on the cluster; counted in the --signal lead
+    plan_step_s: float = 300.0
     # Metric sinks: metrics.jsonl always (the report reads it); tensorboard (events under
     # <run dir>/tensorboard) and wandb (offline, under <run dir>/wandb) add to it, same names.
     loggers: list[MetricLogger] = field(default_factory=lambda: [MetricLogger.jsonl])
@@ -395,6 +400,17 @@ class ExportConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """How step checkpoints are written (``checkpoint/manager.py``); how often and how many are
+    kept is per stage (``sft.save_every_steps``, ``sft.keep_last_checkpoints``, ``grpo.*``)."""
+
+    # Write step checkpoints in the background while training goes on (the megatron backend:
+    # megatron-core's asynchronous distributed checkpointing); a checkpoint counts only once its
+    # COMPLETE marker exists. At most one write is in flight.
+    async_save: bool = False
+
+
+@dataclass
 class Config:
     stage: Stage = Stage.recipe
     resume: bool = False
@@ -407,6 +423,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Not a setting: the loader notes each interpolated value as written (dotted key ->
     # ("${...}", its value at load time)) so that config.yaml keeps "${oc.env:...}" unresolved
     # and a secret read from the environment never reaches the disk (see loader.to_yaml).

@@ -30,6 +30,10 @@ def check_config(cfg: s.Config) -> None:
         raise config_error("eval.models", f"needs at least one of {', '.join(s.EvalModel)}")
     if p.backend == s.PolicyBackend.megatron:
         _check_megatron(p.megatron)
+    elif cfg.checkpoint.async_save:
+        raise config_error("checkpoint.async_save", "the torch backend writes its checkpoints synchronously (one "
+                           "process holds the whole model, so there are no shards to write in parallel); "
+                           "asynchronous saving is policy.backend=megatron's")
     if cfg.generation.backend == s.GenerationBackend.vllm:
         _check_vllm(cfg.generation.vllm)
     _check_heldout(cfg.grpo)
@@ -71,6 +75,10 @@ def check_config(cfg: s.Config) -> None:
     if cfg.run.plan_gpu_memory_gib is not None:
         _positive("run.plan_gpu_memory_gib", cfg.run.plan_gpu_memory_gib)
     _positive("run.plan_prompt_tokens", cfg.run.plan_prompt_tokens)
+    _positive("run.plan_gpus_per_node", cfg.run.plan_gpus_per_node)
+    _positive("run.plan_write_gib_per_s", cfg.run.plan_write_gib_per_s)
+    if cfg.run.plan_step_s < 0:
+        raise config_error("run.plan_step_s", f"must be >= 0, got {cfg.run.plan_step_s}")
     _positive("run.distributed_timeout_s", cfg.run.distributed_timeout_s)
     _check_model(cfg.model)
     _check_stage(cfg)

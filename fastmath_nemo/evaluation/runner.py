@@ -16,11 +16,11 @@ from fastmath_nemo.data.chat import prompt_ids
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.evaluation.metrics import summarize
 from fastmath_nemo.evaluation.samples import EvalSample, write_samples
-from fastmath_nemo.generation.base import Generator
+from fastmath_nemo.generation.base import Generator, RolloutsAbandoned
 from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.rewards.extract import last_boxed_answer
 from fastmath_nemo.rewards.verify import verify_pairs
-from fastmath_nemo.utils.distributed import all_gather_objects, is_rank0, map_over_replica, shard
+from fastmath_nemo.utils.distributed import all_gather_objects, any_rank, is_rank0, map_over_replica, shard
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Summary metrics (pass@1, maj@k, mean output tokens, truncated share) at one budget.
     Under torchrun each rank generates for its share of the problems; samples are gathered.
+    A stop request abandons the rollouts: ``RolloutsAbandoned`` on every rank.
     Rank 0 shows a progress bar labelled ``label`` while generating and writes every rank's
     samples to ``samples_path`` (``evaluation.samples``) when one is given."""
     problem_ids = shard(list(range(len(records))))
@@ -49,6 +50,8 @@ def evaluate(
                              cfg.min_p, seed=cfg.seed)
     t0 = time.perf_counter()
     rollouts = generator.generate(prompts, params, progress=label if is_rank0() else None)
+    if any_rank(rollouts.abandoned):  # a collective: every rank leaves together
+        raise RolloutsAbandoned(f"{label}: a stop was requested while generating; nothing is recorded")
     elapsed = time.perf_counter() - t0
     texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
     # a model replica's ranks hold the same samples: they split the verification

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from fastmath_nemo.checkpoint.atomic import atomic_directory, mark_complete
 from fastmath_nemo.config.schema import ExportConfig, ExportFormat
 from fastmath_nemo.export.source import resolve_checkpoint
+from fastmath_nemo.policy.megatron.checkpointing import is_distributed_checkpoint
 from fastmath_nemo.policy.megatron.layer_spec import MEGATRON_INSTALL
 
 logger = logging.getLogger(__name__)
@@ -39,17 +41,23 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
     """Write ``cfg.format`` of ``cfg.checkpoint`` into ``cfg.dir`` (built aside and renamed
     into place, ending with a ``COMPLETE`` marker); returns ``cfg.dir``."""
     assert cfg.checkpoint is not None and cfg.dir is not None  # config/validate.py checked both
+    from fastmath_nemo.export.hf import export_hf, export_hf_from_distributed, materialise_hf
+
     source = resolve_checkpoint(cfg.checkpoint)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype is not None else None
     if cfg.format == ExportFormat.hf:
-        from fastmath_nemo.export.hf import export_hf as write
+        write = export_hf_from_distributed if is_distributed_checkpoint(source) else export_hf
     elif cfg.format == ExportFormat.megatron:
         from fastmath_nemo.export.megatron import export_megatron as write  # megatron-core
     else:
         from fastmath_nemo.export.nemo import export_nemo as write  # megatron-core and NeMo
     target = Path(cfg.dir).expanduser()
     with atomic_directory(target) as tmp:
-        write(source, tmp, dtype)
+        staging = tmp.parent / f"{tmp.name}-hf"  # a training checkpoint's weights as HF, for megatron / nemo
+        try:
+            write(source if cfg.format == ExportFormat.hf else materialise_hf(source, staging), tmp, dtype)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         mark_complete(tmp)
     logger.info("exported %s as %s into %s", source, cfg.format, target)
     return target

@@ -1,10 +1,10 @@
-"""What an export reads: a stage checkpoint of either backend, as a Hugging Face folder.
+"""What an export reads: a stage checkpoint of either backend.
 
-Every stage checkpoint (``<stage>/final``, ``<stage>/checkpoints/step_N``) holds the model as
-Hugging Face safetensors plus ``config.json`` and the tokenizer, whichever backend trained it:
-the megatron policy gathers its TP / PP shards into them when it saves (bit-exact,
-``policy/megatron/convert.py``); its ``megatron/`` subfolder adds the optimizer state in the
-training layout, which an export does not need.
+``<stage>/final`` and the GRPO stage's kept candidates are Hugging Face folders whichever
+backend trained them, and so are the PyTorch backend's ``checkpoints/step_N``. The megatron
+backend's ``checkpoints/step_N`` are distributed checkpoints (``megatron/``, every rank's shards
+of the model and optimizer) beside ``config.json`` and the tokenizer: ``export/hf.py`` reads
+their weights at TP=1.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     FileNotFoundError (naming ``export.checkpoint``) otherwise."""
     path = Path(path).expanduser()
     if (path / "config.json").is_file():
-        if not any(path.glob("*.safetensors")):
-            raise FileNotFoundError(f"export.checkpoint={path}: config.json but no *.safetensors weights")
+        if not any(path.glob("*.safetensors")) and not (path / "megatron").is_dir():
+            raise FileNotFoundError(f"export.checkpoint={path}: config.json but no *.safetensors weights and no "
+                                    "megatron/ distributed checkpoint")
         return path
     if is_complete(path / "final"):
         return path / "final"

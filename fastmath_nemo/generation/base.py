@@ -38,22 +38,38 @@ class Rollouts:
                       higher by -log(kept mass) per token) are not reported: the GRPO loss
                       needs none, and the mismatch metric and TIS compare these with the
                       trainer's logprobs, which they equal up to the engines' numerics.
-    finish_reasons[i]: "stop" (hit a stop token or EOS) or "length" (hit max_tokens)
+    finish_reasons[i]: "stop" (hit a stop token or EOS) or "length" (hit max_tokens); in
+                      abandoned rollouts, "abandoned" for the rows cut short
+    abandoned:        the generator stopped early for a stop request (preemption): the rows
+                      are incomplete and must not be used
     """
 
     prompt_index: list[int] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
+    abandoned: bool = False
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
 
+class RolloutsAbandoned(Exception):
+    """Work that needed rollouts (an evaluation) stopped because they were abandoned for a stop
+    request: nothing of it is recorded, and a resumed run does it again."""
+
+
+# Decoding steps between two looks at a stop request (``checkpoint.preemption``): a rollout of
+# 16k tokens is abandoned within this many steps of the request, not finished.
+STOP_CHECK_STEPS = 16
+
+
 class Generator(Protocol):
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: str | None = None) -> Rollouts:
         """Sample ``params.n`` completions for every prompt. ``progress``: the label of a
-        progress bar over the completions (tqdm, on stderr); None shows none."""
+        progress bar over the completions (tqdm, on stderr); None shows none. A stop request
+        (``checkpoint.preemption.stop_requested_here``) ends the work within
+        :data:`STOP_CHECK_STEPS` decoding steps, with ``Rollouts.abandoned`` set."""
         ...
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
-from fastmath_nemo.generation.base import Rollouts, SamplingParams
+from fastmath_nemo.checkpoint.preemption import stop_requested_here
+from fastmath_nemo.generation.base import STOP_CHECK_STEPS, Rollouts, SamplingParams
 from fastmath_nemo.generation.sampling import ends_with_any, sample_top_p_min_p
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class TorchGenerator:
                 rollouts.token_ids.extend(tokens)
                 rollouts.logprobs.extend(logprobs)
                 rollouts.finish_reasons.extend(reasons)
+                if "abandoned" in reasons:
+                    rollouts.abandoned = True  # a stop request: the rest is not worth generating
+                    break
         finally:
             bar.close()
             self.model.train(was_training)
@@ -96,7 +100,11 @@ class TorchGenerator:
         active = torch.arange(n, device=device)  # original row of each live batch row
         next_pos = positions[:, -1] + 1
         stop_ids = set(params.stop_token_ids)
-        for _ in range(params.max_tokens):
+        for decoded in range(params.max_tokens):
+            if decoded % STOP_CHECK_STEPS == STOP_CHECK_STEPS - 1 and stop_requested_here():
+                for row in active.tolist():
+                    reasons[row] = "abandoned"
+                return out_tokens, out_logprobs, reasons
             token, token_logprob = self._sample(logits, params, rng)
             finished = []
             for j, (row, tok, lp) in enumerate(zip(active.tolist(), token.tolist(), token_logprob.tolist())):

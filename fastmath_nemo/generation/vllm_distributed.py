@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from fastmath_nemo.generation.base import Rollouts, SamplingParams
-from fastmath_nemo.utils.distributed import data_parallel_rank, rank, world_size
+from fastmath_nemo.utils.distributed import data_parallel_rank, distributed_timeout, rank, world_size
 
 # (prompts, params, request keys, progress label) -> rollouts; a request's sampling seed is
 # derived from its key, so equal keys give equal samples on every rank of an engine.
@@ -64,6 +64,14 @@ class EngineGroups:
     def is_leader(self) -> bool:
         """The engine's first rank: the one whose rows are shared with the others."""
         return self.rank % self.tensor_parallel_size == 0
+
+    def engine_group(self) -> dist.ProcessGroup:
+        """A process group of this engine's ranks (a collective over the world: every rank
+        makes every engine's group)."""
+        members = [list(range(e * self.tensor_parallel_size, (e + 1) * self.tensor_parallel_size))
+                   for e in range(self.engines)]
+        group, _ = dist.new_subgroups_by_enumeration(members, timeout=distributed_timeout())
+        return group
 
 
 def engine_layout_error(world: int, engine_tp: int, trainer_tp: int | None = None) -> str | None:
@@ -109,14 +117,15 @@ def generate_across_engines(
     mine = split_evenly(len(jobs), groups.engines)[groups.engine]
     rows = engine_generate([by_replica[jobs[k][0]][jobs[k][1]] for k in mine], params, list(mine), progress)
 
-    # Engine leaders' rows (prompt_index as the job's key), in engine order = job order.
+    # Engine leaders' rows (prompt_index as the job's key), in engine order = job order, and
+    # whether the engine abandoned them (a stop request): then every rank's rollouts are.
     local = [(mine[i], t, lp, fr) for i, t, lp, fr in zip(rows.prompt_index, rows.token_ids, rows.logprobs,
                                                            rows.finish_reasons, strict=True)]
-    gathered: list[list | None] = [None] * groups.world
-    dist.all_gather_object(gathered, local if groups.is_leader else None)
-    out = Rollouts()
+    gathered: list[tuple[bool, list] | None] = [None] * groups.world
+    dist.all_gather_object(gathered, (rows.abandoned, local) if groups.is_leader else None)
+    out = Rollouts(abandoned=any(part[0] for part in gathered if part is not None))
     for part in gathered:
-        for key, tokens, logprobs, reason in part or []:
+        for key, tokens, logprobs, reason in part[1] if part is not None else []:
             d, p = jobs[key]
             if d == dp_rank:
                 out.prompt_index.append(p)

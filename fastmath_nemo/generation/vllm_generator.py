@@ -32,17 +32,18 @@ import importlib.util
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastmath_nemo.checkpoint.preemption import stop_requested_here
 from fastmath_nemo.config.schema import VLLMConfig
-from fastmath_nemo.generation.base import Rollouts, SamplingParams
+from fastmath_nemo.generation.base import STOP_CHECK_STEPS, Rollouts, SamplingParams
 from fastmath_nemo.generation.vllm_distributed import EngineGroups, generate_across_engines
 from fastmath_nemo.generation.vllm_worker import pack_tensor
-from fastmath_nemo.utils.distributed import world_size
+from fastmath_nemo.utils.distributed import any_rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,9 @@ class VLLMGenerator:
         )
         _set_global_rng_state(rng)
         self.tokenizer = self.llm.get_tokenizer()
+        self._requests = 0  # request ids: the same sequence on every rank of an engine
+        # The ranks of one engine step in lockstep: they decide together to abandon a rollout.
+        self._engine_group = self.groups.engine_group() if self.groups is not None and tp > 1 else None
         # external_launcher's workers are this process too, whatever the TP size
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and (tp == 1 or self.groups is not None)
 
@@ -180,24 +184,57 @@ class VLLMGenerator:
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, keys: Sequence[int],
                   progress: str | None) -> Rollouts:
-        """This engine's rollouts; request ``i`` is seeded from ``keys[i]``."""
+        """This engine's rollouts; request ``i`` is seeded from ``keys[i]``.
+
+        The engine is stepped here (``LLMEngine.add_request`` / ``step``, as ``LLM.generate``
+        does inside) rather than through ``LLM.generate``, so that a stop request is seen every
+        :data:`STOP_CHECK_STEPS` steps: the unfinished requests are aborted and the rollouts
+        returned abandoned. The ranks of a TP engine decide together (one all-reduce)."""
+        from tqdm.auto import tqdm
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         self._fold_temperature(params.temperature)
-        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = self.llm.generate(
-            requests, [self._request_params(params, key) for key in keys],
-            use_tqdm=False if progress is None else _labelled_bar(progress),
-        )
-        rollouts = Rollouts()
-        for p, out in enumerate(outputs):
-            for completion in out.outputs:
+        engine = self.llm.llm_engine
+        ids: list[str] = []
+        for prompt, key in zip(prompt_ids, keys, strict=True):
+            request = self._request_params(params, key)
+            request.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+            self._requests += 1
+            ids.append(f"fastmath-{self._requests}")
+            engine.add_request(ids[-1], TokensPrompt(prompt_token_ids=list(prompt)), request)
+        finished: dict[str, Any] = {}
+        bar = tqdm(total=len(ids), desc=progress, unit="prompt", disable=progress is None, dynamic_ncols=True)
+        steps, abandoned = 0, False
+        try:
+            while engine.has_unfinished_requests():
+                if steps % STOP_CHECK_STEPS == STOP_CHECK_STEPS - 1 and self._stop_requested():
+                    engine.abort_request([rid for rid in ids if rid not in finished])
+                    abandoned = True
+                    break
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+                steps += 1
+        finally:
+            bar.close()
+        rollouts = Rollouts(abandoned=abandoned)
+        for p, rid in enumerate(ids):
+            if rid not in finished:
+                continue
+            for completion in finished[rid].outputs:
                 tokens = list(completion.token_ids)
                 rollouts.prompt_index.append(p)
                 rollouts.token_ids.append(tokens)
                 rollouts.logprobs.append([step[tok].logprob for step, tok in zip(completion.logprobs, tokens)])
                 rollouts.finish_reasons.append("stop" if completion.finish_reason == "stop" else "length")
         return rollouts
+
+    def _stop_requested(self) -> bool:
+        """A stop request here, or (a TP engine) on any of the engine's ranks."""
+        here = stop_requested_here()
+        return any_rank(here, self._engine_group) if self._engine_group is not None else here
 
     def _request_params(self, params: SamplingParams, key: int):  # -> vllm.SamplingParams
         """Our SamplingParams in vLLM's terms. One-token stop sequences (``</think>`` in
@@ -322,16 +359,6 @@ def _set_global_rng_state(state: tuple[Any, ...]) -> None:
     torch.set_rng_state(state[2])
     if state[3] is not None:
         torch.cuda.set_rng_state_all(state[3])
-
-
-def _labelled_bar(label: str) -> Callable[..., Any]:
-    """A tqdm factory for vLLM's ``use_tqdm`` that shows ``label`` (vLLM passes its own desc)."""
-    from tqdm.auto import tqdm
-
-    def make(*args: Any, **kwargs: Any) -> Any:
-        return tqdm(*args, **{**kwargs, "desc": label})
-
-    return make
 
 
 def _flatten(buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor]]:

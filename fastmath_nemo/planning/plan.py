@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastmath_nemo.config.errors import ConfigError
 from fastmath_nemo.config.schema import Config
+from fastmath_nemo.planning import host
 from fastmath_nemo.planning import memory as m
 from fastmath_nemo.utils.topology import vllm_tensor_parallel_size, world_size_for
 
@@ -34,6 +36,9 @@ H100_80GB_BYTES = 85_520_809_984
 # not a measurement: megatron users commonly leave 2-3 GiB).
 FRAMEWORK_OVERHEAD_BYTES = 2 * m.GIB
 PHASES = ("SFT step", "GRPO step", "rollout")
+# Seconds a preemption needs beyond the step and the save: decoding steps until a generator
+# sees the stop, the collective that spreads it, and the processes' exit.
+PREEMPTION_SLACK_S = 60
 
 
 @dataclass
@@ -46,6 +51,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)  # start-up refusals the config would meet today
     static: int = 0  # weights + gradients + optimizer states: held at every phase
+    beside: list[str] = field(default_factory=list)  # host memory, checkpoint size and save time
 
     def total(self, phase: str) -> int:
         return sum(parts.get(phase, 0) for parts in self.rows.values())
@@ -65,6 +71,7 @@ class MemoryPlan:
         fits = "fits" if peak <= self.gpu_bytes else "DOES NOT FIT"
         lines += ["", f"peak: {peak / m.GIB:.1f} GiB ({phase}) of {self.gpu_bytes / m.GIB:.1f} GiB per GPU: {fits}"]
         lines += [f"note: {note}" for note in self.notes]
+        lines += ["", *self.beside] if self.beside else []
         blockers = self.blockers if peak <= self.gpu_bytes else ["the estimate is over the GPU's memory", *self.blockers]
         lines += [f"runs today: no: {b}" for b in blockers] or ["runs today: yes"]
         return "\n".join(lines)
@@ -192,6 +199,7 @@ def build_plan(cfg: Config, world: int | None = None) -> MemoryPlan:
         plan.notes.append("policy.packed_attention=dense: a [rows, T, T] mask and a score matrix per layer (T^2)")
 
     _generator_rows(cfg, shape, layout, precision, gpu_bytes, grpo_row, plan)
+    plan.beside = _beside_the_gpus(cfg, shape, layout, precision, megatron)
     plan.rows["framework overhead"] = dict.fromkeys(PHASES, FRAMEWORK_OVERHEAD_BYTES)
     if cfg.grpo.beta > 0:
         plan.notes.append("grpo.beta > 0: reference logprobs from host-held weights (no second model on the GPU)")
@@ -243,6 +251,32 @@ def _generator_rows(cfg: Config, shape: m.ModelShape, layout: m.Layout, precisio
     if copy:
         plan.rows["sampler copy (fp32, full model)"] = dict.fromkeys(PHASES, copy)
     plan.rows[f"sampler KV cache ({rows} rows)"] = {"rollout": kv}
+
+
+def _beside_the_gpus(cfg: Config, shape: m.ModelShape, layout: m.Layout, precision: m.Precision,
+                     megatron: bool) -> list[str]:
+    """Host memory per node, the checkpoint's size and save time, and the --signal lead time a
+    preemption needs (``planning.host``)."""
+    run, vllm = cfg.run, cfg.generation.vllm
+    offload = vllm_tensor_parallel_size(cfg) if cfg.generation.backend == "vllm" and vllm.sleep_level > 0 else None
+    needs = host.host_needs(shape, layout, precision, megatron=megatron, ranks_per_node=run.plan_gpus_per_node,
+                            reference=cfg.grpo.beta > 0, vllm_offload_tp=offload,
+                            async_save=cfg.checkpoint.async_save)
+    ranks = min(run.plan_gpus_per_node, layout.world)
+    width = max(len(name) for name in needs.items) + 2
+    lines = [f"{f'host memory per node ({ranks} ranks), GiB':{width}s}"]
+    lines += [f"{name:{width}s}{value / m.GIB:12.1f}" for name, value in needs.items.items()]
+    lines.append(f"{'total':{width}s}{sum(needs.items.values()) / m.GIB:12.1f}")
+    per_node = needs.checkpoint_per_rank * (ranks if megatron else 1)
+    save_s = per_node / (run.plan_write_gib_per_s * m.GIB)
+    lead = math.ceil((run.plan_step_s + save_s + PREEMPTION_SLACK_S) / 10) * 10
+    lines += ["", f"checkpoint: {needs.checkpoint_per_rank / m.GIB:.1f} GiB per rank, {per_node / m.GIB:.1f} GiB per "
+              f"node, {needs.checkpoint_total / m.GIB:.1f} GiB in all; a save takes {save_s:.0f} s at "
+              f"run.plan_write_gib_per_s={run.plan_write_gib_per_s:g} GiB/s per node",
+              f"preemption: a stop request waits for the step in progress (run.plan_step_s={run.plan_step_s:g} s; "
+              f"rollouts and evaluations are abandoned) and the save: launch with --signal=B:USR1@{lead} "
+              f"(launch/slurm/fastmath.sbatch)"]
+    return lines
 
 
 def check_fits(plan: MemoryPlan, cfg: Config) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from fastmath_nemo.batching.batch import Batch
 from fastmath_nemo.batching.micro_batches import MicroBatching
+from fastmath_nemo.checkpoint.manager import PendingWrite
 from fastmath_nemo.config.schema import OptimizerConfig
 
 # (logprobs[B, T], batch) -> (scalar loss, metrics). Pure; see fastmath_nemo/algorithms/losses.py.
@@ -66,11 +67,16 @@ class Policy(Protocol):
         """Weights under Hugging Face names, one tensor at a time."""
         ...
 
-    def save(self, directory: Path, extra_state: dict[str, Any] | None = None, weights_only: bool = False) -> None:
-        """Weights (a Hugging Face folder), optimizer and scheduler state, and the loop's
+    def save(self, directory: Path, extra_state: dict[str, Any] | None = None, weights_only: bool = False,
+             *, asynchronous: bool = False) -> PendingWrite | None:
+        """A resumable checkpoint: the weights, optimizer and scheduler state in the backend's
+        own form (the PyTorch backend: a Hugging Face folder plus ``trainer_state.pt``; megatron:
+        a distributed checkpoint every rank writes its shards of), and the loop's
         ``extra_state`` (e.g. ``{"step": 12}``). Collective when ``saves_collectively``.
-        ``weights_only``: the Hugging Face folder and loop state, no optimizer state (not for
-        resuming: for models that are only loaded, such as the GRPO stage's kept candidates)."""
+        ``weights_only``: a Hugging Face folder and the loop state, no optimizer state (for models
+        that are only loaded: ``final/``, the GRPO stage's kept candidates). ``asynchronous``:
+        a backend that can write in the background returns a :class:`PendingWrite` (megatron);
+        otherwise the checkpoint is written when this returns (None)."""
         ...
 
     def load(self, directory: Path) -> dict[str, Any]:

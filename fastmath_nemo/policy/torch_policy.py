@@ -235,8 +235,11 @@ class TorchPolicy:
                 param.copy_(host)
                 host.copy_(staged)
 
-    def save(self, directory: Path, extra_state: dict | None = None, weights_only: bool = False) -> None:
-        """HF folder (safetensors + config) plus optimizer / scheduler (unless ``weights_only``) / loop state."""
+    def save(self, directory: Path, extra_state: dict | None = None, weights_only: bool = False,
+             *, asynchronous: bool = False) -> None:
+        """HF folder (safetensors + config) plus optimizer / scheduler (unless ``weights_only``) /
+        loop state, written before this returns (one process holds the whole model: there is no
+        shard to write in parallel, and validation refuses ``checkpoint.async_save`` here)."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
         state = {"extra": extra_state or {}}
         if self.optimizer is not None and self.scheduler is not None and not weights_only:

@@ -262,27 +262,29 @@ def all_reduce_data_parallel(tensor: torch.Tensor, op: Literal["sum", "max"] = "
     return out.to(tensor.device)
 
 
-def _world_flag(flag: bool, op: dist.ReduceOp) -> bool:
+def _world_flag(flag: bool, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> bool:
     value = 1 if flag else 0
-    if not _initialized() or dist.get_world_size() == 1:
+    if not _initialized() or dist.get_world_size(group) == 1:
         return bool(value)
     # NCCL reduces CUDA tensors only; one int costs nothing next to the step that asks.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     reduced = torch.tensor([value], dtype=torch.int32, device=device)
-    dist.all_reduce(reduced, op=op)
+    dist.all_reduce(reduced, op=op, group=group)
     return bool(reduced.item())
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` holds on any rank of the world (model-parallel peers included), on
-    every rank. A collective: all ranks call it at the same point; none without a process group."""
-    return _world_flag(flag, dist.ReduceOp.MAX)
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` holds on any rank of ``group`` (default: the world, model-parallel peers
+    included), on every rank of it. A collective: they all call it at the same point; none
+    without a process group."""
+    return _world_flag(flag, dist.ReduceOp.MAX, group)
 
 
-def every_rank(flag: bool) -> bool:
-    """Whether ``flag`` holds on every rank of the world, on every rank (a collective, as
-    :func:`any_rank`)."""
-    return _world_flag(flag, dist.ReduceOp.MIN)
+def every_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` holds on every rank of ``group`` (default: the world), on every rank of
+    it (a collective, as :func:`any_rank`)."""
+    return _world_flag(flag, dist.ReduceOp.MIN, group)
 
 
 def all_gather_objects(items: list) -> list:

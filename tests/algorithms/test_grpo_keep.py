@@ -74,14 +74,19 @@ FIGURES = {0: (0.90, 100.0), 2: (0.89, 60.0), 4: (0.50, 30.0)}
 
 
 class ScriptedEvaluation:
-    """``evaluate_heldout``: reports FIGURES[step] and snapshots the policy's weights then."""
+    """``evaluate_heldout``: reports FIGURES[step] and snapshots the policy's weights then, and
+    which kept-step candidates are on disk at that moment."""
 
-    def __init__(self, policy: TorchPolicy) -> None:
+    def __init__(self, policy: TorchPolicy, candidates: Path) -> None:
         self.policy = policy
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.candidates_dir = candidates
+        self.candidates: dict[int, list[str]] = {}
 
     def __call__(self, step: int) -> dict[str, float]:
         self.weights[step] = {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
+        found = self.candidates_dir.iterdir() if self.candidates_dir.is_dir() else []
+        self.candidates[step] = sorted(p.name for p in found)
         pass_at_1, tokens = FIGURES[step]
         return {"pass@1": pass_at_1, "mean_output_tokens": tokens}
 
@@ -115,7 +120,7 @@ def run(task, cfg: GRPOConfig, stage_dir: Path, *, resume: bool = False, kill_at
     policy = TorchPolicy(task.varied_model(seed=4, std=0.1), torch.device("cpu"), temperature=1.0,
                          micro_batching=MicroBatching(rows=8))
     generator = TorchGenerator(policy.model, task.pad_id, max_rows=8)
-    evaluation = ScriptedEvaluation(policy)
+    evaluation = ScriptedEvaluation(policy, stage_dir / "candidates")
     checkpoints = KilledAtCheckpoint(stage_dir, task.tokenizer, cfg.keep_last_checkpoints, step=kill_at)
     # metrics.jsonl beside the stage directory (as in a run directory), so nothing but the
     # stage itself creates that directory
@@ -150,6 +155,13 @@ def test_keep_best_outputs_the_chosen_steps_weights_and_says_why(tiny_task, one_
     assert [(r["step"], r["heldout/pass@1"], r["heldout/mean_tokens"]) for r in logged] == \
         [(s, *FIGURES[s]) for s in (0, 2, 4)]
     assert not (tmp_path / "grpo" / "candidates").exists()  # moved or deleted at the end
+
+
+def test_a_candidate_nothing_can_choose_is_deleted_at_once(tiny_task, one_thread, tmp_path):
+    # No periodic checkpoint (save_every_steps=0): once step 2 beats step 0, no run can choose
+    # step 0 again (a resume would start the stage over), so its candidate goes at once.
+    _, evaluation, _ = run(tiny_task, grpo_cfg(), tmp_path / "grpo")
+    assert evaluation.candidates == {0: [], 2: ["step_0"], 4: ["step_2"]}
 
 
 def test_keep_last_outputs_the_last_weights(tiny_task, one_thread, tmp_path):

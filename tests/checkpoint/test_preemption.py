@@ -32,6 +32,7 @@ from fastmath_nemo.checkpoint.atomic import is_complete, list_checkpoints
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.checkpoint.preemption import Preempted, preemption_requested, preemption_signals
 from fastmath_nemo.config.schema import OptimizerConfig, SFTConfig
+from fastmath_nemo.generation.base import RolloutsAbandoned
 from fastmath_nemo.policy.models import build_tiny_model
 from fastmath_nemo.policy.torch_policy import TorchPolicy
 from fastmath_nemo.utils.metrics_logger import MetricsLogger, read_metrics
@@ -72,9 +73,11 @@ SFT = SFTConfig(epochs=2, rows_per_step=8, max_seq_len=512, packing=False, save_
                 eval_every_epoch=True, optimizer=OptimizerConfig(lr=3e-3, warmup_ratio=0.3))  # 3 steps per epoch
 
 
-def _sft(stage: Path, task, data, *, touch_stop_in_step: int | None = None, resume: bool = False) -> list[int]:
+def _sft(stage: Path, task, data, *, touch_stop_in_step: int | None = None, abandon_evaluation: int | None = None,
+         resume: bool = False) -> list[int]:
     """One ``run_sft`` on a fresh policy (same init); the stop file is created during step
-    ``touch_stop_in_step``. Returns the epochs evaluated."""
+    ``touch_stop_in_step``, or the evaluation of epoch ``abandon_evaluation`` is abandoned (as
+    an evaluation's rollouts are on a stop request). Returns the epochs evaluated."""
     policy = TorchPolicy(build_tiny_model(task.model_cfg, task.tokenizer, seed=11), torch.device("cpu"),
                          micro_batching=MicroBatching(rows=4))
     if touch_stop_in_step is not None:
@@ -88,9 +91,16 @@ def _sft(stage: Path, task, data, *, touch_stop_in_step: int | None = None, resu
 
         policy.train_step = train_step  # type: ignore[method-assign]
     evaluated: list[int] = []
+
+    def evaluate(epoch: int) -> dict:
+        if epoch == abandon_evaluation:
+            raise RolloutsAbandoned(f"epoch {epoch}")
+        evaluated.append(epoch)
+        return {}
+
     with MetricsLogger(stage / "metrics.jsonl") as metrics:
         run_sft(policy, data, SFT, CheckpointManager(stage, task.tokenizer, 2), metrics, seed=5,
-                resume=resume, on_epoch_end=lambda e: evaluated.append(e) or {})
+                resume=resume, on_epoch_end=evaluate)
     return evaluated
 
 

@@ -62,8 +62,9 @@ def test_megatron_export_loads_into_gpt_model(model_type: str, tmp_path: Path, o
 
 
 def test_megatron_backend_stage_checkpoint_exports_bit_exact(tmp_path: Path, one_thread) -> None:
-    """A stage checkpoint the megatron policy wrote (HF safetensors it gathered from its shards,
-    plus megatron/ with the optimizer) exports to the weights the policy holds."""
+    """A training checkpoint the megatron policy wrote (megatron/: every rank's shards of the
+    model and optimizer, no gathered Hugging Face copy) exports, read at TP=1 and streamed one
+    tensor at a time, to the weights the policy holds, bit for bit."""
     from fastmath_nemo.checkpoint.manager import CheckpointManager
     from fastmath_nemo.config.schema import MegatronConfig
     from fastmath_nemo.pipeline import load_tokenizer
@@ -80,7 +81,8 @@ def test_megatron_backend_stage_checkpoint_exports_bit_exact(tmp_path: Path, one
         CheckpointManager(tmp_path / "sft", load_tokenizer(source)).save(policy, step=4, state={})
     finally:
         destroy_model_parallel()
-    assert (tmp_path / "sft" / "checkpoints" / "step_4" / "megatron").is_dir()
+    step_4 = tmp_path / "sft" / "checkpoints" / "step_4"
+    assert (step_4 / "megatron").is_dir() and not list(step_4.glob("*.safetensors"))
     out = export_checkpoint(ExportConfig(checkpoint=str(tmp_path / "sft"), format="hf", dir=str(tmp_path / "hf_out")))
     exported = safetensors_state(out)
     assert exported.keys() == held.keys()

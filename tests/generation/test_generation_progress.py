@@ -1,9 +1,7 @@
-"""Progress bars while generating: the PyTorch sampler's over finished completions, and the
-label handed to vLLM's own bar."""
+"""Progress bars while generating: the PyTorch sampler's over finished completions (vLLM's:
+tests/generation/test_vllm_generator.py)."""
 
 from __future__ import annotations
-
-import io
 
 from fastmath_nemo.generation.base import SamplingParams
 from fastmath_nemo.generation.torch_generator import TorchGenerator
@@ -19,14 +17,3 @@ def test_torch_sampler_shows_a_bar_over_completions_only_when_asked(tiny_task, c
     err = capsys.readouterr().err
     assert "model@6" in err and "6/6" in err
     assert shown.token_ids == quiet.token_ids  # the bar changes nothing about sampling
-
-
-def test_vllm_bar_carries_the_label():
-    from fastmath_nemo.generation.vllm_generator import _labelled_bar
-
-    out = io.StringIO()
-    bar = _labelled_bar("grpo@512")(total=3, desc="Processed prompts", file=out)  # vLLM passes its own desc
-    bar.update(3)
-    bar.close()
-    assert "grpo@512" in out.getvalue() and "Processed prompts" not in out.getvalue()
-

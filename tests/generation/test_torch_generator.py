@@ -270,3 +270,20 @@ def test_prefill_keeps_only_the_last_logits_and_samples_the_same(model, prompts,
     assert len({tuple(t) for t in a.token_ids}) > 1  # sampled, not one constant completion
     for x, y in zip(a.logprobs, b.logprobs):  # fp32 rounding of different matmul shapes (1.2e-6 seen)
         torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
+
+
+def test_a_stop_request_abandons_the_rollout_within_a_few_steps(model, tiny_task, prompts, tmp_path, monkeypatch):
+    from fastmath_nemo.checkpoint import preemption
+    from fastmath_nemo.generation.base import STOP_CHECK_STEPS
+
+    generator = TorchGenerator(model, tiny_task.pad_id, max_rows=2)  # two chunks: the second is never started
+    stop = tmp_path / "stop"
+    stop.touch()
+    monkeypatch.setenv(preemption.STOP_FILE_ENV, str(stop))
+    out = generator.generate(prompts[:2], SamplingParams(n=2, temperature=1.0, max_tokens=400, seed=1))
+    assert out.abandoned
+    assert len(out) == 2 and out.finish_reasons == ["abandoned", "abandoned"]  # the first chunk, cut short
+    assert all(len(t) == STOP_CHECK_STEPS - 1 for t in out.token_ids)  # not 400: within one check interval
+    stop.unlink()
+    full = generator.generate(prompts[:2], SamplingParams(n=2, temperature=1.0, max_tokens=20, seed=1))
+    assert not full.abandoned and len(full) == 4

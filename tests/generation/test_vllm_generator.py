@@ -231,6 +231,21 @@ def test_progress_bar_carries_the_label(engine, prompts, capsys):
     assert shown.token_ids == quiet.token_ids
 
 
+@vllm_only
+def test_a_stop_request_abandons_the_rollout_and_leaves_the_engine_usable(engine, prompts, tmp_path, monkeypatch):
+    from fastmath_nemo.checkpoint import preemption
+
+    stop = tmp_path / "stop"
+    stop.touch()
+    monkeypatch.setenv(preemption.STOP_FILE_ENV, str(stop))
+    long = SamplingParams(n=2, temperature=1.0, max_tokens=500, seed=3)  # no stop: 500 steps if finished
+    out = engine.generate(prompts, long)
+    assert out.abandoned and len(out) == 0  # every request aborted after 16 steps, none finished
+    stop.unlink()
+    again = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=5, seed=3))
+    assert not again.abandoned and len(again) == 6 and all(len(t) == 5 for t in again.token_ids)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_tensors_round_trip_exactly(dtype):
     from fastmath_nemo.generation.vllm_worker import pack_tensor, unpack_tensor

@@ -117,3 +117,18 @@ def test_paper_config_in_one_process_fails_naming_the_layout(monkeypatch: pytest
     with pytest.raises(ConfigError) as info:
         load_config("paper_14b")
     assert "config key 'policy.megatron.tensor_parallel_size'" in str(info.value)
+
+
+def test_paper_plan_sizes_the_checkpoint_host_memory_and_the_preemption_lead(config_only: Path) -> None:
+    cfg = load_config("paper_14b", [f"model.path={config_only}", *PLAN, "run.plan_step_s=300",
+                                    "run.plan_write_gib_per_s=2"])
+    text = "\n".join(build_plan(cfg).beside)
+    # 3,692,880,896 parameters per rank at TP 4 x (2 bf16 + 12 fp32 main and Adam) bytes / DP 2
+    # = 25,850,166,272 bytes = 24.07 GiB per rank; 8 ranks a node: 192.6 GiB, 96.3 s at 2 GiB/s
+    assert "checkpoint: 24.1 GiB per rank, 192.6 GiB per node, 192.6 GiB in all; a save takes 96 s" in text
+    rows = {line[:50].strip(): line[50:].strip() for line in text.splitlines()}
+    assert rows["KL reference (host copy of the weights + staging)"] == "110.1"  # 8 x 3.69e9 x 2 B x 2 copies
+    assert rows["vLLM weights offloaded while training"] == "55.0"  # 8 x 14.77e9 x 2 B / TP 4
+    assert rows["asynchronous checkpoint, staged"] == "192.6"  # checkpoint.async_save: each rank's share
+    assert rows["Hugging Face folder: one full tensor (rank 0)"] == "1.5"  # 152,064 x 5,120 x 2 B
+    assert "--signal=B:USR1@460" in text  # 300 s step + 96.3 s save + 60 s slack, up to a multiple of 10

@@ -319,3 +319,37 @@ def gather_hf_weights(model: torch.nn.Module, hf_config: Any) -> Iterator[tuple[
         for key in keys:
             yield from unit(owner, functools.partial(decoder_tensor, layer, local, key)).items()
     yield from unit(pp_size - 1, head).items()
+
+
+def hf_weight_layout(model: torch.nn.Module, hf_config: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(hf_name, dtype, shape)`` of every tensor :func:`gather_hf_weights` yields, in its
+    order, from this rank's modules alone: its conversion runs on meta tensors (no memory, no
+    communication). Every layer has the first local layer's tensors; the first stage's embedding
+    stands for the output layer (the same dtype and shape) where this rank holds neither the
+    last stage nor tied weights, and its layers' norms for the final norm."""
+    from megatron.core import parallel_state
+
+    while hasattr(model, "module"):
+        model = model.module
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    vocab = hf_config.vocab_size
+
+    def meta(tensor: Tensor) -> list[Tensor]:
+        return [torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")] * tp
+
+    def vocab_table(shards: list[Tensor]) -> Tensor:
+        return torch.cat(shards)[:vocab]
+
+    layer = _local_tensors(model.decoder.layers[0])
+    table = model.embedding.word_embeddings.weight if getattr(model, "embedding", None) is not None \
+        else model.output_layer.weight
+    norm = next(t for name, t in layer.items() if name in _LAYER_NORMS)
+    out = [("model.embed_tokens.weight", vocab_table(meta(table)))]
+    for index in range(hf_config.num_hidden_layers):
+        for key, tensor in layer.items():
+            out += list(layer_tensor_to_hf(key, meta(tensor), index, hf_config).items())
+    out.append(("model.norm.weight", torch.empty(norm.shape, dtype=norm.dtype, device="meta")))
+    if not hf_config.tie_word_embeddings:
+        head = model.output_layer.weight if getattr(model, "output_layer", None) is not None else table
+        out.append(("lm_head.weight", vocab_table(meta(head))))
+    return [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in out]

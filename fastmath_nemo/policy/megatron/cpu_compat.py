@@ -46,7 +46,9 @@ Training (module ``torch`` proxied):
   scaling without the assertion.
 - ``dist_checkpointing.strategies.filesystem_async``, ``...state_dict_saver``: a distributed
   checkpoint copies tensors to the host after ``torch.cuda.synchronize()`` and all-reduces its
-  failure flag in a tensor on ``current_device()``.
+  failure flag in a tensor on ``current_device()``; ``...async_utils`` (asynchronous saves) and
+  ``...fully_parallel`` (the save split over data-parallel ranks) synchronize and all-reduce
+  their flags the same way.
 - ``optimizer.distrib_optimizer``: the distributed optimizer's checkpoint gathers its shards
   into buffers on ``current_device()``; its load allocates its state there.
 
@@ -94,9 +96,12 @@ _PATCHED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
-    # distributed checkpoints: tensors are "preloaded" to the host after torch.cuda.synchronize()
+    # distributed checkpoints: tensors are "preloaded" to the host after torch.cuda.synchronize();
+    # asynchronous writes and the fully parallel save all-reduce their flags on current_device()
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
 )
 _CPU = torch.device("cpu")
 _enabled = False

@@ -10,7 +10,11 @@ megatron-core 0.16.1:
   step count from per-parameter state), so a fresh run cannot load a checkpoint:
   :func:`prepare_for_load` creates the state first;
 - gives every parameter one shared ``step`` tensor when loading, which torch's Adam then
-  increments once per parameter: :func:`finish_load` gives each its own copy;
+  increments once per parameter, and the distributed optimizer then overwrites its value with
+  the step of the state that existed before the load (its bucket state holds no ``step``, so
+  the load "restores" the in-memory one: a resume would restart Adam's bias correction):
+  :func:`finish_load` gives each parameter its own copy of the saved step, which the loaded
+  parameter groups carry;
 - fails to load its ``fully_reshardable`` format (the ``step`` entry has no source), so
   :func:`checkpoint_metadata` picks ``dp_reshardable`` there: resumable at another
   data-parallel size, not at another TP / PP layout. With fused Adam the format is
@@ -65,8 +69,13 @@ def prepare_for_load(optimizer: Any) -> None:
 
 
 def finish_load(optimizer: Any) -> None:
-    """Give every parameter its own ``step`` tensor (torch's Adam increments it in place)."""
+    """Give every parameter its own ``step`` tensor (torch's Adam increments it in place),
+    holding the saved step where the loaded parameter groups carry one."""
     for inner in _torch_optimizers(optimizer):
-        for state in inner.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+        for group in inner.param_groups:
+            saved = group.get("step")
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = (torch.full_like(state["step"], float(saved)) if saved is not None
+                                     else state["step"].clone())

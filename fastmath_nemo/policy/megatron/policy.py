@@ -34,12 +34,20 @@ from fastmath_nemo.batching.batch import Batch
 from fastmath_nemo.batching.documents import blocked_attention, is_packed
 from fastmath_nemo.batching.micro_batches import MicroBatching, merge_rows, split_batch
 from fastmath_nemo.batching.step_totals import reduce_step_metrics
+from fastmath_nemo.checkpoint.safetensors_stream import TensorSpec
 from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, load_trainer_state
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig, PackedAttention
 from fastmath_nemo.policy.base import LossFn
+from fastmath_nemo.policy.megatron.checkpointing import (
+    QueuedWrite,
+    is_distributed_checkpoint,
+    read_distributed,
+    write_distributed,
+    write_hf_weights,
+)
 from fastmath_nemo.policy.megatron.config import transformer_config_from_hf
 from fastmath_nemo.policy.megatron.context_parallel import gather_logprobs, local_positions
-from fastmath_nemo.policy.megatron.convert import gather_hf_weights
+from fastmath_nemo.policy.megatron.convert import gather_hf_weights, hf_weight_layout
 from fastmath_nemo.policy.megatron.cpu_compat import enable_cpu_compat
 from fastmath_nemo.policy.megatron.layer_spec import choose_layer_spec, gpt_layer_spec
 from fastmath_nemo.policy.megatron.logprobs import chunked_logprobs
@@ -143,7 +151,9 @@ class MegatronPolicy:
         model = build_gpt_model(self.hf_config, self.tcfg, spec)
         if self.on_gpu:
             model.cuda(torch.cuda.current_device())
-        load_hf_weights(model, model_dir, self.hf_config)
+        from_checkpoint = is_distributed_checkpoint(Path(model_dir))  # a resumable step_N: no HF weights
+        if not from_checkpoint:
+            load_hf_weights(model, model_dir, self.hf_config)
         self.model = model
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self._reference: list[torch.Tensor] | None = None  # snapshot_reference's host copy
@@ -160,6 +170,9 @@ class MegatronPolicy:
         self.weight_decay = 0.0
         self.schedule: tuple[int, int, float] = (1, 0, 0.0)  # total steps, warmup, min ratio
         self.step = 0
+        self._async_writes: Any = None  # megatron-core's AsyncCallsQueue, made by the first async save
+        if from_checkpoint:  # its weights, resharded to this layout (TP=1 in one process for an export)
+            self.load(Path(model_dir))
 
     @property
     def logprob_chunk_tokens(self) -> int:
@@ -367,6 +380,10 @@ class MegatronPolicy:
         return totals
 
     # -- weights -----------------------------------------------------------------------------
+    def hf_layout(self) -> list[TensorSpec]:
+        """Name, dtype and shape of every tensor :meth:`export_weights` yields, in its order."""
+        return [TensorSpec(*entry) for entry in hf_weight_layout(self.model, self.hf_config)]
+
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full Hugging Face-named tensors, one decoder layer at a time, on every rank
         (TP shards all-gathered, pipeline stages broadcast). A collective: every rank iterates."""
@@ -417,40 +434,37 @@ class MegatronPolicy:
             )
         return state
 
-    def save(self, directory: Path, extra_state: dict | None = None, weights_only: bool = False) -> None:
-        """A Hugging Face folder (rank 0: safetensors + config, for the next stage, evaluation
-        and vLLM) plus ``megatron/``, a distributed checkpoint of the model and optimizer
-        shards that loads into another TP / PP / DP layout (the distributed optimizer over
-        torch's Adam: another DP size only, see ``optimizer_state``), plus the loop state.
-        ``weights_only``: no ``megatron/`` (the distributed optimizer cannot even write its
-        state before its first step, and a kept candidate is only ever loaded as HF weights)."""
-        from megatron.core import dist_checkpointing
-        from safetensors.torch import save_file
-
+    def save(self, directory: Path, extra_state: dict | None = None, weights_only: bool = False,
+             *, asynchronous: bool = False) -> QueuedWrite | None:
+        """Resumable: ``megatron/``, a distributed checkpoint of the model and optimizer shards
+        that every rank writes at once (``checkpointing.py``); with ``asynchronous`` the write
+        goes on in the background and the returned :class:`QueuedWrite` says when it is on disk.
+        ``weights_only``: a Hugging Face folder (``final/``, kept candidates: the next stage,
+        evaluation and vLLM load them), streamed one full tensor at a time to rank 0; the
+        distributed optimizer could not even write its state before its first step. Both: the
+        loop state and ``config.json`` (rank 0). A collective: every rank calls it."""
         directory = Path(directory)
-        weights = {name: tensor.cpu().clone() for name, tensor in self.export_weights()}
         if is_rank0():
-            if self.hf_config.tie_word_embeddings:
-                weights.pop("lm_head.weight", None)
-            save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
             self.hf_config.save_pretrained(str(directory))
             torch.save({"extra": extra_state or {}, "step": self.step}, directory / TRAINER_STATE)
-            if not weights_only:
-                (directory / "megatron").mkdir()
-        del weights
-        barrier()
-        if not weights_only:
-            dist_checkpointing.save(self._sharded_state(is_loading=False), str(directory / "megatron"))
+        if weights_only:
+            write_hf_weights(self.export_weights(), self.hf_layout(), self.hf_config, directory, writer_rank=is_rank0())
+            barrier()
+            return None
+        if asynchronous and self._async_writes is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_writes = AsyncCallsQueue()
+        return write_distributed(self._sharded_state(is_loading=False), directory,
+                                 self._async_writes if asynchronous else None)
 
     @torch.no_grad()
     def load(self, directory: Path) -> dict:
         """Weights and optimizer state from ``save`` (another layout too); returns the loop state."""
-        from megatron.core import dist_checkpointing
-
         directory = Path(directory)
         if self.optimizer is not None and self.cfg.distributed_optimizer:
             prepare_for_load(self.optimizer)
-        loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory / "megatron"))
+        loaded = read_distributed(self._sharded_state(is_loading=True), directory)
         self.model.load_state_dict(loaded["model"])
         if self.optimizer is not None and "optimizer" in loaded:
             self.optimizer.load_state_dict(loaded["optimizer"])

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--folder", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--save", help="after the step, save a checkpoint (HF + distributed) here")
+    parser.add_argument("--save", help="after the step, save a resumable (distributed) checkpoint here")
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--sequence-parallel", action="store_true")
@@ -89,6 +89,9 @@ def main() -> None:
         "grad_norm_diff": abs(ours["grad_norm"] - theirs["grad_norm"]),
         "weight_diff": max_abs_diff(weights, expected),
         "names_match": sorted(weights) == sorted(expected),
+        # the layout a streamed Hugging Face folder is written with: what export_weights yields
+        "layout_matches": [(s.name, s.dtype, s.shape) for s in policy.hf_layout()]
+        == [(name, t.dtype, tuple(t.shape)) for name, t in weights.items()],
     }
     if args.save:
         if rank == 0:

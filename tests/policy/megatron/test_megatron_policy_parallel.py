@@ -53,7 +53,7 @@ def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: in
     cp = 2 if "--cp" in flags else 1
     assert len(cases) == 2 and all(c["dp"] == 2 // (tp * pp * cp) for c in cases)
     for case in cases:
-        assert case["names_match"], case
+        assert case["names_match"] and case["layout_matches"], case
         assert case["logprob_diff"] <= 1e-5, case
         assert case["packed_logprob_diff"] <= 1e-5, case
         assert case["grad_norm_diff"] <= 1e-5, case
@@ -65,7 +65,8 @@ def test_one_sft_step_matches_the_pytorch_policy(tmp_path: Path, tp: int, pp: in
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_exports_to_hf(tmp_path: Path) -> None:
-    """The distributed checkpoint reshards (TP=2 -> TP=1) and the HF export is the same model."""
+    """The distributed checkpoint reshards (TP=2 -> TP=1), and the Hugging Face folder that
+    policy writes is the same model."""
     import torch
 
     from fastmath_nemo.batching.batch import batch_from_sequences
@@ -74,11 +75,14 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_exports_to_hf(tmp_path: Path) 
     from fastmath_nemo.policy.models import load_pretrained
     from fastmath_nemo.policy.torch_policy import TorchPolicy
 
-    saved = tmp_path / "checkpoint"
+    saved, hf = tmp_path / "checkpoint", tmp_path / "hf"
     _run_worker(tmp_path, 2, 1, "qwen2", "--save", str(saved))
-    assert (saved / "model.safetensors").exists() and (saved / "megatron").is_dir()
+    assert (saved / "megatron").is_dir() and not list(saved.glob("*.safetensors"))  # no rank gathered the model
 
-    exported = TorchPolicy(load_pretrained(saved), torch.device("cpu"), temperature=0.7)
+    at_tp1 = MegatronPolicy(saved, MegatronConfig(attention_backend="sdpa"), temperature=0.7)
+    hf.mkdir()
+    at_tp1.save(hf, weights_only=True)
+    exported = TorchPolicy(load_pretrained(hf), torch.device("cpu"), temperature=0.7)
     policy = MegatronPolicy(tmp_path / "model", MegatronConfig(attention_backend="sdpa"), temperature=0.7)
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, 96, (10,), generator=gen).tolist() for _ in range(3)]

@@ -50,8 +50,9 @@ def test_megatron_sft_follows_the_pytorch_backend(tmp_path: Path) -> None:
         assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3), (ours, theirs)
     assert megatron_steps[-1]["loss"] < megatron_steps[0]["loss"]
     final = tmp_path / "megatron" / "sft" / "final"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "megatron", "COMPLETE"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "COMPLETE"):
         assert (final / name).exists(), name
+    assert not (final / "megatron").exists()  # the weights for the next stage, no optimizer state
 
 
 def test_killed_megatron_sft_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:

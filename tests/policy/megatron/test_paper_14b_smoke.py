@@ -105,5 +105,5 @@ def test_paper_14b_code_path_at_small_width_under_torchrun(tmp_path: Path) -> No
     report = json.loads((run_dir / "report.json").read_text())
     assert [row["model"] for row in report["evaluations"]] == ["base", "sft", "grpo"]
     assert all(row["n_problems"] == 4 and row["n_samples"] == 2 for row in report["evaluations"])
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "megatron"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (run_dir / "grpo" / "final" / name).exists(), name
