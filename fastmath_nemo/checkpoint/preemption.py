@@ -10,19 +10,21 @@ Who asks:
   verifier's workers, ...) is signalled at all.
 
 Where it is acted on: the SFT and GRPO loops call the collective :func:`preemption_requested`
-once per step, after the step is complete, and right after each rollout. Work that can take
-far longer than the warning is abandoned instead of finished: the generators look at
-:func:`stop_requested_here` every few decoding steps and return what they have, marked
-abandoned; an abandoned rollout is dropped and an abandoned evaluation raises
-``EvaluationAbandoned``. The state after the last complete step is saved either way, so the
+once per step, after the step is complete, and right after each rollout. Any rank's request
+reaches every rank through one all-reduce (MAX over the whole world, model-parallel peers
+included), so all ranks save the same step's checkpoint together and
+:func:`stop_for_preemption` raises :class:`Preempted`; ``launch/run.py`` turns that into exit
+code :data:`PREEMPTED_EXIT_CODE`. Rank 0 also writes ``$FASTMATH_PREEMPTED_FILE`` (stage,
+step, checkpoint): torchrun reports any worker's non-zero exit as 1, so the batch script
+learns from this file, not the exit code, that the run stopped for a requeue rather than
+failed. ``resume=true`` then continues from that checkpoint.
+
+Work that can take far longer than the warning is abandoned instead of finished: the
+generators look at :func:`stop_requested_here` every few decoding steps and return what they
+have, marked abandoned; an abandoned rollout is dropped and an abandoned evaluation raises
+``RolloutsAbandoned``. The state after the last complete step is saved either way, so the
 time from a request to the exit is bounded by one training step (which is not cut), a few
-decoding steps and the save (``run.plan`` prints the lead time that needs). Any rank's request reaches every rank through one
-all-reduce (MAX over the whole world, model-parallel peers included), so all ranks save the
-same step's checkpoint together and :func:`stop_for_preemption` raises :class:`Preempted`;
-``launch/run.py`` turns that into exit code :data:`PREEMPTED_EXIT_CODE`. Rank 0 also writes
-``$FASTMATH_PREEMPTED_FILE`` (stage, step, checkpoint): torchrun reports any worker's non-zero
-exit as 1, so the batch script learns from this file, not the exit code, that the run stopped
-for a requeue rather than failed. ``resume=true`` then continues from that checkpoint.
+decoding steps and the save (``run.plan`` prints the lead time that needs).
 """
 
 from __future__ import annotations
