@@ -121,7 +121,7 @@ def document_attention_mask(document_ids: torch.Tensor, *, dtype: torch.dtype | 
     ``attention_mask`` reaches the attention kernels as it is. ``"sdpa"`` takes a bool or an
     additive mask; ``"eager"`` only an additive one in the model's dtype (it *adds* the mask to
     the scores, so a bool mask silently becomes +1 / +0 and attends across documents). The
-    additive form is right for both, with or without a KV cache (tests/data/test_packing.py
+    additive form is right for both, with or without a KV cache (tests/batching/test_documents.py
     checks sdpa and eager against per-document runs). ``"flash_attention_2"`` /
     ``"flex_attention"`` take no dense 4D mask: pass ``attention_mask=None`` with the restarting
     ``position_ids`` and let transformers derive the documents (not checked here: no GPU kernels

@@ -13,7 +13,7 @@ fiddle's serialisation of NeMo's own classes (``Qwen2Config``, its ``AutoTokeniz
 ``Trainer`` and ``MegatronStrategy`` with every argument), whose form changes between NeMo
 releases; a copy written here would drift from the NeMo a user runs and could load as a
 silently different model. Whoever hands a model on as a NeMo checkpoint has NeMo, so the
-export uses it (``config/validate.py`` refuses ``export.format=nemo`` at start-up without it).
+export uses it (``fastmath_nemo.preflight`` refuses ``export.format=nemo`` at start-up without it).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size:
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    """Logprobs in :class:`~fastmath_nemo.batch.Batch` alignment: logits [B, T, V_local],
+    """Logprobs in :class:`~fastmath_nemo.batching.batch.Batch` alignment: logits [B, T, V_local],
     input_ids [B, T] -> [B, T], ``log p(input_ids[:, t] | input_ids[:, :t])``, column 0 = 0."""
     logprobs = next_token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size, temperature)
     return torch.nn.functional.pad(logprobs, (1, 0))
