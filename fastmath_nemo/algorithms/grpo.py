@@ -143,13 +143,13 @@ def run_grpo(
 
     base_params = sampling_params(tokenizer, gen_cfg, cfg.num_generations, gen_cfg.max_tokens,
                                   gen_cfg.temperature, gen_cfg.top_p, gen_cfg.min_p, seed=None)
-    saved_at = [start]  # the latest step whose checkpoint exists (0: none is needed)
+    saved_at = start  # the latest step whose checkpoint exists (0: none is needed)
 
     def stop(completed: int) -> NoReturn:
         """Preemption: keep the state after ``completed`` steps (its checkpoint) and exit."""
         if completed == 0:  # nothing trained yet: a resumed run starts over, as this one did
             raise_preempted("grpo", 0, None)
-        stop_for_preemption(checkpoints, policy, "grpo", completed, choice.state(), saved=saved_at[0] == completed)
+        stop_for_preemption(checkpoints, policy, "grpo", completed, choice.state(), saved=saved_at == completed)
 
     try:
         choice.after_step(start, policy, generator)  # step 0: the start the kept step is held to
@@ -218,7 +218,7 @@ def run_grpo(
         checkpoints.poll()  # completes an asynchronous checkpoint whose write has finished
         if bool(cfg.save_every_steps) and (step + 1) % cfg.save_every_steps == 0 and step + 1 < cfg.steps:
             choice.save_checkpoint(policy, step + 1)
-            saved_at[0] = step + 1
+            saved_at = step + 1
         # After the refit, so that a resumed run's sampler starts from the same weights.
         if step + 1 < cfg.steps and preemption_requested():
             stop(step + 1)
