@@ -13,6 +13,8 @@ for path in (ROOT, ROOT / "tests"):  # the package; the test helpers (tests/_*.p
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from _ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  CI=true: skips fail
+
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
