@@ -40,6 +40,7 @@ from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.generation.base import Generator, Rollouts, RolloutsAbandoned
 from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.policy.base import Policy
+from fastmath_nemo.policy.optimization import at_step
 from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
 from fastmath_nemo.rewards.verify import verify_pairs
 from fastmath_nemo.utils.distributed import (
@@ -197,7 +198,8 @@ def run_grpo(
         # the step's totals over every rank's rows: each micro-batch's loss is its share
         loss_fn = functools.partial(grpo_loss, cfg=loss_cfg, totals=step_totals(micro))
         for _ in range(cfg.updates_per_batch):
-            train = policy.train_step(micro, loss_fn)
+            with at_step("grpo", step + 1):
+                train = policy.train_step(micro, loss_fn)
         t_train = time.perf_counter() - t0
 
         t0 = time.perf_counter()

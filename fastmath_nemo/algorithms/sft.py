@@ -30,6 +30,7 @@ from fastmath_nemo.data.packing import Example, fit_to_length, packed_step_batch
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.generation.base import RolloutsAbandoned
 from fastmath_nemo.policy.base import Policy
+from fastmath_nemo.policy.optimization import at_step
 from fastmath_nemo.utils.distributed import data_parallel_rank, data_parallel_size, is_rank0
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 
@@ -147,7 +148,8 @@ def run_sft(
             micro = micro_batches(local, policy.micro_batching)
             # sft_loss divides by the step's target tokens (all micro-batches, all ranks) and
             # train_step sums the shares: the exact token mean of the rows trained in this step.
-            result = policy.train_step(micro, functools.partial(sft_loss, totals=step_totals(micro)))
+            with at_step("sft", step + 1):
+                result = policy.train_step(micro, functools.partial(sft_loss, totals=step_totals(micro)))
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{result['loss']:.4f}", epoch=epoch + 1)

@@ -32,8 +32,8 @@ from fastmath_nemo.config.schema import OptimizerConfig, PackedAttention
 from fastmath_nemo.policy.base import LossFn
 from fastmath_nemo.policy.document_attention import document_marker, enable_per_document_attention
 from fastmath_nemo.policy.hf_logprobs import TokenLogprobs
-from fastmath_nemo.policy.optimization import NonFiniteLossError, cosine_with_warmup
-from fastmath_nemo.utils.distributed import world_size
+from fastmath_nemo.policy.optimization import NonFiniteLossError, cosine_with_warmup, non_finite_loss
+from fastmath_nemo.utils.distributed import ranks_where, world_size
 
 logger = logging.getLogger(__name__)
 # The metric key under which train_step carries each micro-batch's loss through the reduction.
@@ -179,7 +179,8 @@ class TorchPolicy:
         loss_sum = totals.pop(_LOSS_SUM)
         if not math.isfinite(loss_sum):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"loss is {loss_sum} (metrics: {totals})")
+            mine = not all(torch.isfinite(m[_LOSS_SUM]) for m in per_micro)
+            raise non_finite_loss(ranks_where(mine), world_size(), {**totals, "loss": loss_sum})
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)

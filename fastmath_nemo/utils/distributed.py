@@ -287,6 +287,20 @@ def every_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     return _world_flag(flag, dist.ReduceOp.MIN, group)
 
 
+def ranks_where(flag: bool) -> list[int]:
+    """The world ranks on which ``flag`` holds, on every rank (a collective over the world, as
+    :func:`any_rank`; ``[0]`` or ``[]`` without a process group). For error messages that name
+    the rank at fault, so it is called on the failure path only."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return [0] if flag else []
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    marks = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    marks[dist.get_rank()] = int(flag)
+    dist.all_reduce(marks)
+    return [r for r, mark in enumerate(marks.tolist()) if mark]
+
+
 def all_gather_objects(items: list) -> list:
     """Concatenate every data-parallel rank's ``items`` (rank order); the list itself for one."""
     if not _initialized() or data_parallel_size() == 1:

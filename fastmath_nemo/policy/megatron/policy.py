@@ -38,6 +38,7 @@ from fastmath_nemo.checkpoint.safetensors_stream import TensorSpec
 from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, load_trainer_state
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig, PackedAttention
 from fastmath_nemo.policy.base import LossFn
+from fastmath_nemo.policy.megatron.async_writer import async_calls_queue
 from fastmath_nemo.policy.megatron.checkpointing import (
     QueuedWrite,
     is_distributed_checkpoint,
@@ -55,15 +56,17 @@ from fastmath_nemo.policy.megatron.model import build_gpt_model, load_hf_weights
 from fastmath_nemo.policy.megatron.optimizer_state import checkpoint_metadata, finish_load, prepare_for_load
 from fastmath_nemo.policy.megatron.parallel import init_model_parallel
 from fastmath_nemo.policy.megatron.thd import thd_params
-from fastmath_nemo.policy.optimization import NonFiniteLossError, cosine_with_warmup
+from fastmath_nemo.policy.optimization import NonFiniteLossError, cosine_with_warmup, non_finite_loss
 from fastmath_nemo.utils.distributed import (
     barrier,
     broadcast_object,
     data_parallel_size,
     every_rank,
     is_rank0,
+    ranks_where,
     register_model_replicas,
     set_data_parallel_group,
+    world_size,
 )
 
 logger = logging.getLogger(__name__)
@@ -368,7 +371,8 @@ class MegatronPolicy:
         # a data-parallel peer may see a non-finite loss alone: all ranks skip the step together
         if not every_rank(all(torch.isfinite(torch.tensor(v)) for v in totals.values())):
             self.optimizer.zero_grad()
-            raise NonFiniteLossError(f"non-finite loss metrics {totals}")
+            mine = not all(torch.isfinite(v).all() for r in results for v in r.values())
+            raise non_finite_loss(ranks_where(mine), world_size(), totals)
         totals.pop(_LOSS_SUM)
         totals["lr"] = self._set_lr()
         updated, grad_norm, _ = self.optimizer.step()
@@ -452,9 +456,7 @@ class MegatronPolicy:
             barrier()
             return None
         if asynchronous and self._async_writes is None:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            self._async_writes = AsyncCallsQueue()
+            self._async_writes = async_calls_queue()
         return write_distributed(self._sharded_state(is_loading=False), directory,
                                  self._async_writes if asynchronous else None)
 
