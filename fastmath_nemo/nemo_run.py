@@ -11,7 +11,10 @@ need nothing of NeMo-Run: ``nemo-run==0.11.1`` pins ``leptonai==0.27.3``, whose 
 NeMo-Run lives in its own environment (README "With NeMo-Run") and only the driver imports it.
 
 Executors: :func:`local_executor` (``torchrun`` with N workers on this machine) and
-:func:`slurm_executor` (one ``torchrun`` per node through NeMo-Run's own sbatch script).
+:func:`slurm_executor` (one ``torchrun`` per node through NeMo-Run's own sbatch script). Both
+start the trainer's own torchrun, ``$FASTMATH_PYTHON -m torch.distributed.run``, whether or not
+its environment is activated: NeMo-Run's launcher runs the command ``torchrun``, so they put
+``launch/bin`` (whose ``torchrun`` does that) first on the job's PATH.
 
 :class:`SlurmPreemption` carries ``launch/slurm/fastmath.sbatch``'s preemption settings onto a
 ``SlurmExecutor``: a signal before the time limit, the stop-file / preempted-file environment of
@@ -35,6 +38,7 @@ from fastmath_nemo.preflight import load_config
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "launch" / "run.py"
 IGNORE_SIGNALS = ROOT / "launch" / "slurm" / "ignore_preemption_signals.sh"
+TORCHRUN_DIR = ROOT / "launch" / "bin"  # its torchrun: $FASTMATH_PYTHON -m torch.distributed.run
 
 
 def stage(conf: str, *overrides: str) -> run.Script:
@@ -84,7 +88,8 @@ def export(*overrides: str) -> run.Script:
 
 def local_executor(nproc_per_node: int = 2, env_vars: dict[str, str] | None = None) -> run.LocalExecutor:
     """``torchrun --nproc-per-node <nproc_per_node>`` on this machine."""
-    return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun", env_vars=dict(env_vars or {}))
+    return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun",
+                             env_vars=_trainer_env(env_vars, shell=False))
 
 
 def slurm_executor(account: str, partition: str | None = None, nodes: int = 1, nproc_per_node: int = 1,
@@ -99,7 +104,22 @@ def slurm_executor(account: str, partition: str | None = None, nodes: int = 1, n
     tunnel = run.LocalTunnel(job_dir=os.path.join(run.config.get_nemorun_home(), "experiments"))
     return run.SlurmExecutor(account=account, partition=partition, nodes=nodes, ntasks_per_node=nproc_per_node,
                              gpus_per_node=gpus_per_node, time=time, launcher="torchrun", tunnel=tunnel,
-                             packager=run.Packager(), env_vars=dict(env_vars or {}), **kwargs)
+                             packager=run.Packager(), env_vars=_trainer_env(env_vars, shell=True), **kwargs)
+
+
+def _trainer_env(env_vars: dict[str, str] | None, shell: bool) -> dict[str, str]:
+    """``env_vars`` with ``launch/bin`` first on PATH, so that the job's ``torchrun`` is the trainer's,
+    and a relative ``$FASTMATH_PYTHON`` (``.venv/bin/python``) made absolute: the Slurm job runs in
+    its own folder. ``shell``: values for NeMo-Run's batch script, which exports them unquoted
+    (``$PATH`` expands there); else torchx's local scheduler, which appends the driver's PATH itself."""
+    env = dict(env_vars or {})
+    quote = shlex.quote if shell else str
+    python = env.get("FASTMATH_PYTHON", os.environ.get("FASTMATH_PYTHON", ""))
+    if os.sep in python and not os.path.isabs(python):
+        env["FASTMATH_PYTHON"] = quote(os.path.abspath(python))  # not realpath: a venv's python is a symlink
+    rest = env.get("PATH", "$PATH" if shell else "")
+    env["PATH"] = os.pathsep.join(filter(None, [quote(str(TORCHRUN_DIR)), rest]))
+    return env
 
 
 @dataclass(kw_only=True)
@@ -111,9 +131,10 @@ class SlurmPreemption(run.Plugin):
       only) as in fastmath.sbatch: NeMo-Run's script runs ``srun`` in the foreground, and bash
       runs a trap only after the foreground command ends.
     - torchrun ignores USR1 and TERM (``launch/slurm/ignore_preemption_signals.sh`` between
-      ``srun`` and ``torchrun``; ``PET_SIGNALS_TO_HANDLE`` keeps torchrun from installing its
-      SIGTERM handler), so it keeps supervising the workers while they finish the step, save
-      it on every rank and exit with code 75.
+      ``srun`` and ``torchrun``, the executor's ``launch/bin/torchrun``: SIG_IGN survives both
+      execs; ``PET_SIGNALS_TO_HANDLE`` keeps torchrun from installing its SIGTERM handler), so
+      it keeps supervising the workers while they finish the step, save it on every rank and
+      exit with code 75.
     - ``$FASTMATH_STOP_FILE`` / ``$FASTMATH_PREEMPTED_FILE`` per restart in the job's folder:
       touching the stop file asks the same stop; rank 0 records the saved step in the other.
     - On exit, the batch script requeues the job when the run recorded a checkpoint and fewer

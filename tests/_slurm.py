@@ -1,11 +1,15 @@
 """Test helpers for the real one-node Slurm cluster of ``tests/slurm/cluster.sh``: start/stop
-it, submit ``launch/slurm/fastmath.sbatch``, read a job's state, wait for states."""
+it, submit ``launch/slurm/fastmath.sbatch``, read a job's state, wait for states; the trainer in
+a virtual environment that is not activated, as the launchers' jobs get it."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +19,23 @@ CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
 SBATCH_SCRIPT = "launch/slurm/fastmath.sbatch"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
 ACCOUNTING = ("slurmdbd", "sacct", "mariadbd", "mariadb-install-db")
+
+
+def unactivated_venv(dir: Path) -> tuple[str, str]:
+    """A new user's virtual environment at ``dir``, not activated: this interpreter's packages
+    (the trainer's dependencies), this checkout as ``pip install -e .`` would add it, no scripts.
+    (Its python, absolute but not resolved: a venv's python is a symlink to the base one; a PATH
+    without any ``torchrun``: this process's PATH less the folders that hold one.)"""
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(dir)],
+                   check=True, timeout=120)
+    site_dirs = site.getsitepackages() if sys.prefix != sys.base_prefix else []  # a venv's venv sees only the base's
+    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(dir), "platbase": str(dir)}))
+    (purelib / "fastmath_nemo_test.pth").write_text(
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in site_dirs) + f"{ROOT}\n")
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if d and shutil.which("torchrun", path=d) is None)
+    assert shutil.which("torchrun", path=path) is None, path
+    return str(dir.absolute() / "bin" / "python"), path
 
 
 def missing_binaries(accounting: bool = False) -> list[str]:

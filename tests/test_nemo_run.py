@@ -8,6 +8,9 @@ package, run in its own environment (``.venv-nemo-run``; README "With NeMo-Run")
 - The README's Slurm command on the one-node test cluster with accounting: SIGUSR1 to the job
   in the middle of GRPO, as ``--signal=USR1@N`` sends it before the time limit; the run saves,
   the batch script requeues, the job resumes and NeMo-Run reports SUCCEEDED.
+- Both run the trainer as a new user would: ``FASTMATH_PYTHON`` a virtual environment's python
+  (not the driver's) that is not activated, no ``torchrun`` on PATH; the executors start that
+  python's own torchrun.
 
 Skipped without that environment (the README's test command creates it) or, for the last, the
 Slurm, slurmdbd and MariaDB programs.
@@ -20,14 +23,13 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from _slurm import ROOT, Cluster, finished, missing_binaries
+from _slurm import ROOT, Cluster, finished, missing_binaries, unactivated_venv
 
 NEMO_RUN_PYTHON = Path(os.environ.get("FASTMATH_NEMO_RUN_PYTHON", ROOT / ".venv-nemo-run" / "bin" / "python"))
 README_PYTHON = ".venv-nemo-run/bin/python"
@@ -49,14 +51,20 @@ def readme_command(executor: str, run_dir: Path) -> list[str]:
     return [str(NEMO_RUN_PYTHON), *[f"run.dir={run_dir}" if w.startswith("run.dir=") else w for w in words[1:]]]
 
 
-def driver_env(tmp: Path, **extra: str) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The trainer's python in an unactivated virtual environment, and a PATH without torchrun."""
+    return unactivated_venv(tmp_path_factory.mktemp("venv") / ".venv")
+
+
+def driver_env(tmp: Path, venv: tuple[str, str], **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
+    python, path = venv
     # Not ".../nemo_run...": NeMo-Run 0.11.1 rewrites every "/nemo_run" in its batch script.
-    env.update(NEMORUN_HOME=str(tmp / "nemorun_home"), FASTMATH_PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               **extra)
-    return env
+    env.update(NEMORUN_HOME=str(tmp / "nemorun_home"), FASTMATH_PYTHON=python, PATH=path, OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env | extra
 
 
 def assert_recipe_done(run_dir: Path, grpo_steps: int) -> list[dict]:
@@ -69,7 +77,7 @@ def assert_recipe_done(run_dir: Path, grpo_steps: int) -> list[dict]:
     return records
 
 
-def test_recipes_validate_at_once_and_the_plugin_refuses_other_executors(tmp_path: Path) -> None:
+def test_recipes_validate_at_once_and_the_plugin_refuses_other_executors(tmp_path: Path, venv) -> None:
     snippet = textwrap.dedent("""
         import json
         import nemo_run as run
@@ -99,10 +107,11 @@ def test_recipes_validate_at_once_and_the_plugin_refuses_other_executors(tmp_pat
         fm.SlurmPreemption(warning_s=120).setup(task, executor)
         out["signal"], out["srun_args"], out["env"] = executor.signal, executor.srun_args, executor.env_vars
         out["inline"] = task.inline
+        out["local_env"] = fm.local_executor(2).env_vars
         print(json.dumps(out))
     """)
     done = subprocess.run([str(NEMO_RUN_PYTHON), "-c", snippet], capture_output=True, text=True, cwd=ROOT,
-                          env=driver_env(tmp_path), timeout=300)
+                          env=driver_env(tmp_path, venv, FASTMATH_PYTHON=".venv/bin/python"), timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["config"].startswith("config key 'policy.backend'"), out["config"]
@@ -117,13 +126,18 @@ def test_recipes_validate_at_once_and_the_plugin_refuses_other_executors(tmp_pat
     assert out["env"]["FASTMATH_PREEMPTED_FILE"].endswith("/fastmath_restart_${SLURM_RESTART_COUNT:-0}/preempted.json")
     assert out["env"]["FASTMATH_STOP_FILE"].endswith("/fastmath_restart_${SLURM_RESTART_COUNT:-0}/stop_requested")
     assert out["inline"].endswith("conf=sft sft.epochs=2 'resume=${oc.env:FASTMATH_RESUME,false}'\n")
+    # Both jobs find launch/bin/torchrun first (torchx appends the driver's PATH to the local one;
+    # the batch script expands $PATH) and the driver's relative FASTMATH_PYTHON as an absolute path.
+    assert out["local_env"] == {"PATH": f"{ROOT}/launch/bin", "FASTMATH_PYTHON": f"{ROOT}/.venv/bin/python"}
+    assert (out["env"]["PATH"], out["env"]["FASTMATH_PYTHON"]) == (f"{ROOT}/launch/bin:$PATH",
+                                                                   f"{ROOT}/.venv/bin/python")
 
 
 @pytest.mark.slow
-def test_local_executor_runs_the_readme_recipe_on_two_torchrun_workers(tmp_path: Path) -> None:
+def test_local_executor_runs_the_readme_recipe_on_two_torchrun_workers(tmp_path: Path, venv) -> None:
     run_dir = tmp_path / "run"
     cmd = readme_command("local", run_dir)
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=driver_env(tmp_path), timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=driver_env(tmp_path, venv), timeout=900)
     assert done.returncode == 0 and "recipe: SUCCEEDED" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
     assert_recipe_done(run_dir, grpo_steps=int(next(w for w in cmd if w.startswith("grpo.steps=")).split("=")[1]))
     # Two workers: torchrun's per-rank logs in NeMo-Run's experiment folder.
@@ -153,14 +167,14 @@ def _wait(cond, timeout: float, what: str, log: Path) -> None:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_executor_preempted_requeued_resumed_and_reported_succeeded(accounting_cluster: Cluster,
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path, venv) -> None:
     cluster, run_dir = accounting_cluster, tmp_path / "run"
     cmd = readme_command("slurm", run_dir)
     grpo_steps = int(next(w for w in cmd if w.startswith("grpo.steps=")).split("=")[1])
     log = tmp_path / "driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env=driver_env(tmp_path, SLURM_CONF=cluster.conf))
+                                  env=driver_env(tmp_path, venv, SLURM_CONF=cluster.conf))
         try:
             metrics = run_dir / "metrics.jsonl"
             _wait(lambda: driver.poll() is not None or (metrics.exists() and '"grpo"' in metrics.read_text()),

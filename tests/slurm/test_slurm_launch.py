@@ -2,6 +2,8 @@
 
 - The reduced embedded recipe runs as one node x 2 torchrun workers (gloo) to completion, with
   a log per job and per restart.
+- Both jobs run the trainer as a new user would: ``FASTMATH_PYTHON`` a virtual environment's
+  python that is not activated, no ``torchrun`` on the job's PATH.
 - The same job, sent ``scancel --batch --signal=USR1`` (what ``--signal=B:USR1@N`` does before
   a time limit) in the middle of GRPO, saves a checkpoint, requeues itself, resumes with
   ``resume=true`` and ends with the uninterrupted run's weights (bit for bit) and metrics.
@@ -17,13 +19,12 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from _slurm import ROOT, SBATCH_SCRIPT, Cluster, finished, missing_binaries
+from _slurm import ROOT, SBATCH_SCRIPT, Cluster, finished, missing_binaries, unactivated_venv
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -66,22 +67,29 @@ def cluster():
     shutil.rmtree(state, ignore_errors=True)
 
 
-def job_env(cluster: Cluster, log_dir: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The trainer's python in an unactivated virtual environment, and a PATH without torchrun."""
+    return unactivated_venv(tmp_path_factory.mktemp("venv") / ".venv")
+
+
+def job_env(cluster: Cluster, venv: tuple[str, str], log_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
+    python, path = venv
     env.update(
-        **SUBMIT_ENV, SLURM_CONF=cluster.conf, FASTMATH_PYTHON=sys.executable, FASTMATH_LOG_DIR=str(log_dir),
+        **SUBMIT_ENV, SLURM_CONF=cluster.conf, FASTMATH_PYTHON=python, PATH=path, FASTMATH_LOG_DIR=str(log_dir),
         OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
-def submit(cluster: Cluster, tmp: Path, run_dir: Path) -> tuple[int, Path]:
+def submit(cluster: Cluster, venv: tuple[str, str], tmp: Path, run_dir: Path) -> tuple[int, Path]:
     """sbatch the script with the reduced recipe from the repository root; (job id, its batch log)."""
     log_dir = tmp / "logs"
     out = cluster.run("sbatch", "--parsable", *SBATCH_OPTIONS, f"--output={tmp}/%x-%j.out", SBATCH_SCRIPT,
-                      f"run.dir={run_dir}", *RECIPE, env=job_env(cluster, log_dir))
+                      f"run.dir={run_dir}", *RECIPE, env=job_env(cluster, venv, log_dir))
     job_id = int(out.strip().split(";")[0])
     return job_id, tmp / f"fastmath-{job_id}.out"
 
@@ -95,10 +103,11 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, Path]:
+def uninterrupted(cluster: Cluster, venv: tuple[str, str],
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, Path]:
     """One job of the reduced recipe, run to the end: (job id, run dir, batch log)."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    job_id, log = submit(cluster, tmp, tmp / "run")
+    job_id, log = submit(cluster, venv, tmp, tmp / "run")
     cluster.wait_job(job_id, finished, 300, "end", log)
     return job_id, tmp / "run", log
 
@@ -120,11 +129,11 @@ def test_sbatch_runs_the_recipe_on_two_torchrun_workers(cluster: Cluster, uninte
 
 
 def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_result(
-    cluster: Cluster, uninterrupted, tmp_path: Path
+    cluster: Cluster, venv: tuple[str, str], uninterrupted, tmp_path: Path
 ) -> None:
     _, ref_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
-    job_id, log = submit(cluster, tmp_path, run_dir)
+    job_id, log = submit(cluster, venv, tmp_path, run_dir)
     metrics = run_dir / "metrics.jsonl"
     cluster.wait_job(job_id, lambda info: finished(info) or (metrics.exists() and '"grpo"' in metrics.read_text()),
                      240, "first GRPO step", log)
