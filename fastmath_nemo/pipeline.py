@@ -32,6 +32,7 @@ from fastmath_nemo.algorithms.sft import run_sft, tokenize_sft
 from fastmath_nemo.batching.micro_batches import MicroBatching
 from fastmath_nemo.checkpoint.atomic import atomic_directory, atomic_write_json, atomic_write_text, is_complete, mark_complete
 from fastmath_nemo.checkpoint.manager import CheckpointManager
+from fastmath_nemo.checkpoint.portable_folders import make_folder_portable
 from fastmath_nemo.checkpoint.preemption import preemption_requested, raise_preempted
 from fastmath_nemo.config.loader import to_yaml
 from fastmath_nemo.config.schema import Config, DataSource, GenerationBackend, PolicyBackend, Stage
@@ -139,6 +140,7 @@ def base_model_dir(run: Run, data: TaskData) -> Path:
             tokenizer = build_task_tokenizer(corpus, tmp, vocab_size=cfg.model.tokenizer_vocab_size)
             model = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.run.seed)
             model.save_pretrained(str(tmp), safe_serialization=True)
+            make_folder_portable(tmp)  # its config.json, written after the tokenizer
             mark_complete(tmp)
         logger.info("built the embedded tiny model (%.2fM parameters) in %s",
                     sum(p.numel() for p in model.parameters()) / 1e6, target)

@@ -27,6 +27,7 @@ from fastmath_nemo.checkpoint.atomic import (
     prune_checkpoints,
     remove_stale,
 )
+from fastmath_nemo.checkpoint.portable_folders import save_tokenizer
 from fastmath_nemo.utils.distributed import barrier, broadcast_object, is_rank0
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class CheckpointManager:
         (then prunes old step checkpoints); every rank waits for it."""
         if is_rank0():
             assert tmp is not None
-            self.tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(self.tokenizer, tmp)
             mark_complete(tmp)
             commit_directory(tmp, target)
             if target.parent == self.root:

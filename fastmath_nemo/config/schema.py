@@ -179,6 +179,7 @@ class TinyModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0  # the rotary base (Qwen2.5's is 1e6)
 
 
 @dataclass

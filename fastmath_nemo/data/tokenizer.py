@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from fastmath_nemo.checkpoint.portable_folders import save_tokenizer
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
 CHAT_ROLES = ("system", "user", "assistant")
@@ -58,5 +60,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 320) -> PreTrainedTo
 
 def build_task_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
     tokenizer = train_tokenizer(texts, vocab_size)
-    tokenizer.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer

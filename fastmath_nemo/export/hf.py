@@ -20,6 +20,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from fastmath_nemo.checkpoint.safetensors_stream import SafetensorsStreamWriter, TensorSpec
+from fastmath_nemo.checkpoint.portable_folders import save_tokenizer
 from fastmath_nemo.export.source import stored_dtype
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -73,7 +74,7 @@ def export_hf_metadata(source: Path, target: Path, dtype: torch.dtype) -> None:
     config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     config.dtype = dtype
     config.save_pretrained(str(target))
-    AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(str(target))
+    save_tokenizer(AutoTokenizer.from_pretrained(str(source), local_files_only=True), target)
 
 
 def export_hf_from_distributed(source: Path, target: Path, dtype: torch.dtype | None = None) -> None:

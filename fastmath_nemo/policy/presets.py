@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmath_nemo.checkpoint.atomic import atomic_directory, is_complete, mark_complete
+from fastmath_nemo.checkpoint.portable_folders import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,6 @@ def preset_model_dir(name: str, cache_dir: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
         mark_complete(tmp)
     return target

@@ -1,6 +1,8 @@
 """The NeMo 2 export against NeMo itself (``nemo_toolkit`` 2.7.3): ``load_context`` builds the
 model config, ``llm.export_ckpt(<our export>, "hf")`` gives back the source weights bit-exactly,
 and our weights equal ``llm.import_ckpt``'s of the same Hugging Face folder tensor for tensor.
+The same for a stage checkpoint the main environment trained (transformers 5), whose tokenizer
+this environment's transformers (4.57) and NeMo must read as the main environment did.
 
 NeMo's pins conflict with the main environment's, so these run in their own: ``.ci/nemo_export``
 (the main suite skips them where NeMo is not installed).
@@ -10,15 +12,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 if importlib.util.find_spec("nemo") is None or importlib.util.find_spec("megatron.core") is None:
     pytest.skip("needs nemo_toolkit 2.7.3 and megatron-core: run .ci/nemo_export", allow_module_level=True)
 
-from _hf_folders import safetensors_state, write_hf_folder  # noqa: E402
+from _hf_folders import (  # noqa: E402
+    main_env_checkpoint,
+    safetensors_state,
+    tokenizer_expectations,
+    tokenizer_expectations_path,
+    write_hf_folder,
+)
 from _nemo_cpu import nemo_on_cpu  # noqa: E402  (before NeMo: it stands in for a removed module)
 
 import torch  # noqa: E402
@@ -116,3 +127,88 @@ def test_qwen3_head_width_follows_the_hf_config(tmp_path: Path) -> None:
     returned, hf = safetensors_state(Path(back)), safetensors_state(source)
     _drop_tied_head(returned, Path(back))
     assert returned.keys() == hf.keys() and all(torch.equal(returned[k], hf[k]) for k in hf)
+
+
+def _unavailable(reason: str) -> NoReturn:
+    """A main-environment checkpoint that cannot be had: a failure in CI, else a skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def main_env_stage_checkpoint(tmp_path: Path) -> Path:
+    """``$FASTMATH_MAIN_ENV_CHECKPOINT`` (``.ci/nemo_export`` trains it first), else one trained
+    here by ``$FASTMATH_MAIN_PYTHON`` (default ``python3``), which must be transformers 5's."""
+    given = os.environ.get("FASTMATH_MAIN_ENV_CHECKPOINT")
+    if given:
+        checkpoint = Path(given)
+        assert tokenizer_expectations_path(checkpoint).is_file(), f"{checkpoint}: no tokenizer expectations beside it"
+    else:
+        python = os.environ.get("FASTMATH_MAIN_PYTHON", "python3")
+        try:
+            checkpoint = main_env_checkpoint(tmp_path / "main_env", python)
+        except (OSError, subprocess.SubprocessError) as e:
+            _unavailable(f"no main-environment checkpoint: {python} could not train one ({e}); "
+                         "set FASTMATH_MAIN_PYTHON or run .ci/nemo_export")
+    writer = json.loads(tokenizer_expectations_path(checkpoint).read_text())["transformers"]
+    if int(writer.split(".")[0]) < 5:
+        message = f"{checkpoint} was written by transformers {writer}, not the main environment's 5.x"
+        if given:
+            pytest.fail(message)
+        _unavailable(message)
+    return checkpoint
+
+
+def test_nemo_exports_a_checkpoint_the_main_environment_trained(main_env_stage_checkpoint: Path,
+                                                                tmp_path: Path) -> None:
+    """The README's export command, in this environment, on ``<run>/sft/final`` written by the
+    main one: both tokenizers (transformers 4.57's and NeMo's) encode as transformers 5 did, and
+    our weights equal those of NeMo's own import of the checkpoint, tensor for tensor.
+
+    The embedded model ties its head to the embedding (as Qwen2.5 0.5B to 3B do), and so does
+    our export; NeMo 2.7.3's Qwen2 exporter cannot write a tied model back (it requires
+    ``output_layer.weight`` and fixes ``tie_word_embeddings=False``), so the weights are checked
+    against ``llm.import_ckpt`` (which unties: its head is a copy of the embedding)."""
+    from transformers import AutoTokenizer
+
+    checkpoint = main_env_stage_checkpoint
+    expected = json.loads(tokenizer_expectations_path(checkpoint).read_text())
+    del expected["transformers"]
+
+    def encodings(tokenizer) -> dict:
+        return {k: v for k, v in tokenizer_expectations(tokenizer).items() if k != "transformers"}
+
+    assert encodings(AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)) == expected
+
+    ours = tmp_path / "nemo"
+    sys.path.insert(0, str(ROOT / "launch"))
+    from run import main
+
+    assert main(["conf=export", f"export.checkpoint={checkpoint}", "export.format=nemo", f"export.dir={ours}"]) == 0
+    hf = safetensors_state(checkpoint)
+    hf_config = json.loads((checkpoint / "config.json").read_text())
+    with nemo_on_cpu():
+        model = load_context(ours, subpath="model")
+    cfg = model.config
+    assert type(cfg).__name__ == "Qwen2Config"
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups) == (
+        2, 64, 128, 2, 2)
+    assert cfg.vocab_size == hf["model.embed_tokens.weight"].shape[0] == hf_config["vocab_size"]
+    assert cfg.share_embeddings_and_output_weights is True and "lm_head.weight" not in hf
+    # Qwen2.5's base, not the 10,000 transformers 4.57 falls back to without the legacy
+    # rope_theta beside transformers 5's rope_parameters (checkpoint.portable_folders)
+    assert cfg.rotary_base == hf_config["rope_parameters"]["rope_theta"] == 1e6
+    assert cfg.params_dtype == torch.float32
+    assert encodings(model.tokenizer.tokenizer) == expected  # NeMo's, from context/nemo_tokenizer
+
+    with nemo_on_cpu():
+        theirs = llm.import_ckpt(llm.Qwen2Model(llm.Qwen2Config500M()), f"hf://{checkpoint}",
+                                 output_path=tmp_path / "theirs")
+    ours_tensors, their_tensors = _plain_tensors(ours / "weights"), _plain_tensors(Path(theirs) / "weights")
+    untied = their_tensors.pop("module.output_layer.weight")
+    assert ours_tensors.keys() == their_tensors.keys()
+    for key, tensor in their_tensors.items():
+        assert torch.equal(ours_tensors[key], tensor), key
+    embedding = ours_tensors["module.embedding.word_embeddings.weight"]
+    assert torch.equal(untied, embedding) and torch.equal(embedding, hf["model.embed_tokens.weight"])
