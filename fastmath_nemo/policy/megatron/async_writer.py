@@ -36,7 +36,9 @@ def _die_with_parent(parent: int) -> None:
 
 def async_calls_queue() -> Any:
     """megatron-core's ``AsyncCallsQueue``, its writers' results queue served by a Manager
-    that dies with this process (started once per process, at the first asynchronous save)."""
+    that dies with this process (started once per process, at the first asynchronous save).
+    Call it from the thread that lives as long as the trainer (the loop's): Linux delivers
+    the death signal when the thread that started the Manager exits."""
     global _manager
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
