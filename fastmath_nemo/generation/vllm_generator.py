@@ -41,7 +41,7 @@ import torch
 from fastmath_nemo.checkpoint.preemption import stop_requested_here
 from fastmath_nemo.config.schema import VLLMConfig
 from fastmath_nemo.generation.base import STOP_CHECK_STEPS, Rollouts, SamplingParams
-from fastmath_nemo.generation.vllm_distributed import EngineGroups, generate_across_engines
+from fastmath_nemo.generation.vllm_distributed import EngineGroups, generate_across_engines, remove_stale_cpu_segments
 from fastmath_nemo.generation.vllm_worker import pack_tensor
 from fastmath_nemo.utils.distributed import any_rank, world_size
 
@@ -143,6 +143,8 @@ class VLLMGenerator:
         tp = tensor_parallel_size or cfg.tensor_parallel_size or 1
         # Under torchrun the trainer's ranks are the engines' TP workers (vllm_distributed.py).
         self.groups = EngineGroups.current(tp) if world_size() > 1 else None
+        if self.groups is not None and not on_gpu:
+            remove_stale_cpu_segments(self.groups)
         self.seed, self._calls = seed, 0
         rng = _global_rng_state()  # LLM(seed=...) reseeds the process's generators: the trainer's
         self.llm = LLM(

