@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 from _cli import free_port
+from _sigkill import MARKER_ENV, assert_none_left, processes_started_with
 from safetensors.torch import load_file
 
 from fastmath_nemo.checkpoint.atomic import TMP_PREFIX, list_checkpoints
@@ -48,9 +49,8 @@ def _needs(backend: str) -> None:
 def _env(marker: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
-    # FASTMATH_TEST_MARKER: every process the run starts inherits it, so the test can find them.
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               FASTMATH_TEST_MARKER=marker)
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1", MARKER_ENV: marker})  # every process of the run carries the marker
     return env
 
 
@@ -85,18 +85,6 @@ def _sft_run(run_dir: Path, backend: str, *extra: str, marker: str = "") -> None
     nodes = _start_nodes([str(ROOT / "launch" / "run.py")], [f"run.dir={run_dir}", f"policy.backend={backend}", *SFT,
                                                                *extra], _env(marker or uuid.uuid4().hex), logs)
     assert _wait(nodes, logs) == [0, 0], _tail(logs)
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    """The live processes whose environment carries ``marker``."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("FASTMATH_TEST_MARKER") == marker and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,17 +129,13 @@ def test_a_rank_killed_mid_step_stops_the_other_and_resume_ends_where_the_uninte
             break
         time.sleep(0.005)
     trainer = psutil.Process(nodes[1].pid).children()[0]  # rank 1's worker
-    started = {p.pid for p in _marked(marker)} - {nodes[0].pid, nodes[1].pid}
+    started = {p.pid for p in processes_started_with(marker)} - {nodes[0].pid, nodes[1].pid}
     trainer.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     assert nodes[0].wait(timeout=TIMEOUT_S + 30) != 0, _tail(logs)
     assert time.monotonic() - killed_at <= TIMEOUT_S, f"rank 0 took {time.monotonic() - killed_at:.0f} s"
     assert nodes[1].wait(timeout=60) != 0
-    # nothing the run started is left (a killed writer may finish its file first)
-    deadline = time.monotonic() + 30
-    while (left := _marked(marker)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, [(p.pid, p.cmdline()[:4]) for p in left]
+    assert_none_left(marker)
     if backend == "megatron":  # the run did start helper processes, which are now gone
         assert started, "no checkpoint writer process was running at the kill: the test checked nothing"
 

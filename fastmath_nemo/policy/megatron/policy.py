@@ -38,7 +38,7 @@ from fastmath_nemo.checkpoint.safetensors_stream import TensorSpec
 from fastmath_nemo.checkpoint.trainer_state import TRAINER_STATE, load_trainer_state
 from fastmath_nemo.config.schema import MegatronConfig, OptimizerConfig, PackedAttention
 from fastmath_nemo.policy.base import LossFn
-from fastmath_nemo.policy.megatron.async_writer import async_calls_queue
+from fastmath_nemo.policy.megatron.writer_queue import tie_results_queue_to_trainer
 from fastmath_nemo.policy.megatron.checkpointing import (
     QueuedWrite,
     is_distributed_checkpoint,
@@ -455,8 +455,11 @@ class MegatronPolicy:
             write_hf_weights(self.export_weights(), self.hf_layout(), self.hf_config, directory, writer_rank=is_rank0())
             barrier()
             return None
+        tie_results_queue_to_trainer()  # synchronous saves write through megatron-core's queue too
         if asynchronous and self._async_writes is None:
-            self._async_writes = async_calls_queue()
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_writes = AsyncCallsQueue()
         return write_distributed(self._sharded_state(is_loading=False), directory,
                                  self._async_writes if asynchronous else None)
 

@@ -1,6 +1,7 @@
-"""megatron-core's asynchronous checkpoint writer, with nothing left behind when a trainer dies.
+"""megatron-core's checkpoint writer, with nothing left behind when a trainer dies.
 
-``FileSystemWriterAsync`` collects its writers' results in a queue served by a multiprocessing
+``FileSystemWriterAsync`` (which writes every distributed checkpoint, synchronous ones too)
+collects its writers' results in a queue served by a multiprocessing
 ``Manager``: a spawned interpreter (``filesystem_async._get_write_results_queue``; it re-imports
 the trainer's main module, about 430 MB) that nothing stops when its trainer is SIGKILLed (the
 OOM killer, a failed rank's peers torn down by Slurm): it stayed on the machine, orphaned, after
@@ -16,7 +17,6 @@ import multiprocessing
 import os
 import signal
 from multiprocessing.managers import SyncManager
-from typing import Any
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _manager: SyncManager | None = None
@@ -34,17 +34,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def async_calls_queue() -> Any:
-    """megatron-core's ``AsyncCallsQueue``, its writers' results queue served by a Manager
-    that dies with this process (started once per process, at the first asynchronous save).
-    Call it from the thread that lives as long as the trainer (the loop's): Linux delivers
-    the death signal when the thread that started the Manager exits."""
+def tie_results_queue_to_trainer() -> None:
+    """Serve megatron-core's writer results queue from a Manager that dies with this process
+    (once per process, before its first distributed save; later calls do nothing). Call it from
+    the thread that lives as long as the trainer (the loop's): Linux delivers the death signal
+    when the thread that started the Manager exits."""
     global _manager
     from megatron.core.dist_checkpointing.strategies import filesystem_async
-    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
     if filesystem_async._results_queue is None:
         _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # spawn, as megatron-core: CUDA forbids fork
         _manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = _manager.Queue()
-    return AsyncCallsQueue()
