@@ -4,12 +4,14 @@ Every reward has the signature::
 
     fn(completions: list[str], golds: list[str], lengths: list[int], group_ids: list[int],
        *, correct: list[bool] | None = None, finish_reasons: list[str] | None = None,
-       timeout_s: float = 2.0, <its settings>, **_) -> list[float]      # all lists [N]
+       budgets: list[int] | None = None, timeout_s: float = 2.0, <its settings>, **_)
+       -> list[float]                                                   # all lists [N]
 
 ``lengths`` are in the caller's unit (see ``completion_lengths``); ``group_ids[i]`` is the
 prompt of completion i. ``correct`` lets the caller verify once per step and share it;
 when None, functions that need it call ``verify_many``. ``finish_reasons[i]`` is "stop" or
-"length" (hit the token limit). ``**_`` takes the shared arguments a reward does not use;
+"length" (hit the token limit); ``budgets[i]`` the token budget in its prompt (L1).
+The other length-control methods' rewards are in ``length_methods``. ``**_`` takes the shared arguments a reward does not use;
 its settings (a config's ``kwargs``) are checked by name and type by ``check_reward_kwargs``.
 """
 
@@ -19,7 +21,6 @@ import inspect
 import math
 import types
 import typing
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 
 from fastmath_nemo.config.schema import LengthUnit
+from fastmath_nemo.rewards import length_methods
+from fastmath_nemo.rewards._groups import _check, _correct, group_members
 from fastmath_nemo.rewards.extract import last_boxed_answer, think_section
 from fastmath_nemo.rewards.verify import verify_many
 
@@ -62,22 +65,6 @@ def completion_lengths(
             raise ValueError("unit='tokens' needs one token count per completion")
         return [int(n) for n in token_counts]
     raise ValueError(f"unit must be 'tokens' or 'chars', got {unit!r}")
-
-
-def _check(completions: Sequence, golds: Sequence, lengths: Sequence, group_ids: Sequence) -> None:
-    n = len(completions)
-    if not (len(golds) == len(lengths) == len(group_ids) == n):
-        raise ValueError(
-            f"length mismatch: completions={n} golds={len(golds)} lengths={len(lengths)} group_ids={len(group_ids)}"
-        )
-
-
-def _correct(completions: list[str], golds: list[str], correct: Sequence[bool] | None, timeout_s: float) -> list[bool]:
-    if correct is None:
-        return verify_many(completions, golds, timeout_s)
-    if len(correct) != len(completions):
-        raise ValueError(f"correct has {len(correct)} entries for {len(completions)} completions")
-    return [bool(c) for c in correct]
 
 
 def accuracy_reward(
@@ -159,11 +146,8 @@ def kimi_length_reward(
     """
     _check(completions, golds, lengths, group_ids)
     ok = _correct(completions, golds, correct, timeout_s)
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(group_ids):
-        members[g].append(i)
     out = [0.0] * len(completions)
-    for idx in members.values():
+    for idx in group_members(group_ids).values():
         lo, hi = min(lengths[i] for i in idx), max(lengths[i] for i in idx)
         if hi == lo:
             continue  # no length signal inside this group
@@ -202,9 +186,14 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "cosine": cosine_reward,
     "kimi_length": kimi_length_reward,
     "repetition_penalty": repetition_penalty_reward,
+    "dapo_overlong": length_methods.dapo_overlong_reward,
+    "shorterbetter": length_methods.shorterbetter_reward,
+    "laser_d": length_methods.laser_d_reward,
+    "lcpo_exact": length_methods.lcpo_exact_reward,
+    "lcpo_max": length_methods.lcpo_max_reward,
 }
 # Rewards that consume `correct`; verification is skipped when none of them is requested.
-_NEEDS_CORRECT = frozenset({"accuracy", "cosine", "kimi_length"})
+_NEEDS_CORRECT = frozenset({"accuracy", "cosine", "kimi_length", "shorterbetter", "laser_d", "lcpo_exact", "lcpo_max"})
 
 
 def get_reward_fn(name: str) -> RewardFn:
@@ -216,7 +205,7 @@ def get_reward_fn(name: str) -> RewardFn:
 
 
 # Keyword arguments every reward receives from the caller; not settings of a config's kwargs.
-_SHARED_ARGUMENTS = frozenset({"correct", "finish_reasons", "timeout_s"})
+_SHARED_ARGUMENTS = frozenset({"correct", "finish_reasons", "budgets", "timeout_s"})
 
 
 class RewardSettingsError(ValueError):
@@ -269,7 +258,7 @@ def check_reward_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         if not _type_ok(value, hint):
             raise RewardSettingsError(f"reward {name!r}: {key} must be {_hint_name(hint)}, got {value!r}", key)
     try:
-        get_reward_fn(name)([], [], [], [], correct=[], finish_reasons=[], **kwargs)
+        get_reward_fn(name)([], [], [], [], correct=[], finish_reasons=[], budgets=[], **kwargs)
     except (TypeError, ValueError) as e:
         raise RewardSettingsError(f"reward {name!r}: {e}", next((k for k in kwargs if k in str(e)), None)) from None
 
@@ -287,13 +276,15 @@ def compute_rewards(
     *,
     correct: Sequence[bool] | None = None,
     finish_reasons: Sequence[str] | None = None,
+    budgets: Sequence[int] | None = None,
     timeout_s: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of rewards; verification runs at most once and is shared.
 
     specs: ``(name, weight, kwargs)`` triples, kwargs checked by ``check_reward_kwargs``.
     finish_reasons: [N] "stop" / "length", for rewards that treat truncation apart (cosine's
-    ``exceed_length_penalty``). Returns ``total`` float32 [N] = sum_k w_k * r_k and
+    ``exceed_length_penalty``). budgets: [N] the token budget in each completion's prompt
+    (L1 / LCPO rewards), None without. Returns ``total`` float32 [N] = sum_k w_k * r_k and
     ``{name: r_k}`` raw float32 [N] tensors (a repeated name gets a ``#j`` suffix).
     """
     _check(completions, golds, lengths, group_ids)
@@ -302,7 +293,7 @@ def compute_rewards(
         check_reward_kwargs(name, kwargs)
     if correct is None and any(name in _NEEDS_CORRECT for name, *_ in fns):
         correct = verify_many(completions, golds, timeout_s)
-    shared = {"correct": correct, "finish_reasons": finish_reasons, "timeout_s": timeout_s}
+    shared = {"correct": correct, "finish_reasons": finish_reasons, "budgets": budgets, "timeout_s": timeout_s}
     total = torch.zeros(len(completions), dtype=torch.float32)
     per_reward: dict[str, torch.Tensor] = {}
     for j, (name, weight, kwargs, fn) in enumerate(fns):

@@ -105,7 +105,8 @@ def test_accuracy_uses_given_correct_or_verifies():
 
 
 def test_registry():
-    assert set(REWARD_FUNCTIONS) == {"accuracy", "format", "cosine", "kimi_length", "repetition_penalty"}
+    assert set(REWARD_FUNCTIONS) == {"accuracy", "format", "cosine", "kimi_length", "repetition_penalty",
+                                     "dapo_overlong", "shorterbetter", "laser_d", "lcpo_exact", "lcpo_max"}
     assert get_reward_fn("cosine") is cosine_reward
     with pytest.raises(ValueError, match="kimi_length"):
         get_reward_fn("nope")
