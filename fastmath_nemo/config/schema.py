@@ -95,6 +95,20 @@ class KeepRule(Choice):
     best = "best"  # fewest held-out tokens with pass@1 within keep_tolerance of step 0
 
 
+class KeepEligibility(Choice):
+    """Which held-out evaluations grpo.keep=best may choose from (algorithms/checkpoint_choice.py)."""
+
+    tolerance = "tolerance"  # pass@1 at least step 0's minus keep_tolerance
+    interval = "interval"  # pass@1's 95% interval overlaps step 0's, or lies above it
+
+
+class GFPOMetric(Choice):
+    """What GFPO keeps of a group's completions (algorithms/length_control.py)."""
+
+    length = "length"  # the k shortest
+    reward_per_token = "reward_per_token"  # the k with the highest reward / length
+
+
 class MetricLogger(Choice):
     jsonl = "jsonl"
     tensorboard = "tensorboard"
@@ -311,6 +325,24 @@ class RewardSpec:
 
 
 @dataclass
+class GFPOConfig:
+    """GFPO (Shrivastava et al. 2025): grpo.num_generations completions are sampled per prompt
+    and ``keep`` of them train (advantages over those alone); null: off."""
+
+    keep: Optional[int] = None
+    metric: GFPOMetric = GFPOMetric.length
+
+
+@dataclass
+class PromptBudgetConfig:
+    """L1 / LCPO (Aggarwal & Welleck 2025): a token budget written into every GRPO prompt, drawn
+    per prompt and step from ``budgets`` (empty: off), for the lcpo_* rewards to hold it to."""
+
+    budgets: list[int] = field(default_factory=list)
+    template: str = "{problem}\n\nThink for {budget} tokens."  # L1's instruction
+
+
+@dataclass
 class GRPOConfig:
     steps: int = 50
     prompts_per_step: int = 16
@@ -334,6 +366,17 @@ class GRPOConfig:
         ]
     )
     verify_timeout_s: float = 2.0
+    # No correct completion gets less total reward than a wrong one of its group: where the
+    # rewards say otherwise, the group's correct ones are lifted (algorithms/length_control.py).
+    # false keeps the rewards as they are, and the run's log says so at start-up.
+    correctness_first: bool = True
+    overlong_filter: bool = False  # DAPO: completions cut by max_tokens are masked out of the loss
+    # DAPO's dynamic sampling: groups whose total reward does not vary are dropped, and the step
+    # is refilled from further prompts for at most dynamic_sampling_max_rounds extra rounds.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
+    gfpo: GFPOConfig = field(default_factory=GFPOConfig)
+    prompt_budget: PromptBudgetConfig = field(default_factory=PromptBudgetConfig)
     save_every_steps: int = 0
     keep_last_checkpoints: int = 2
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-6))
@@ -345,6 +388,7 @@ class GRPOConfig:
     heldout_n_samples: int = 1
     heldout_token_budget: Optional[int] = None  # null: generation.max_tokens
     keep: KeepRule = KeepRule.last
+    keep_eligibility: KeepEligibility = KeepEligibility.tolerance
     keep_tolerance: float = 0.02  # pass@1 (a fraction) the kept step may lose against step 0
     keep_tokens_tolerance: float = 0.01  # mean tokens this share above the fewest count as the fewest
 
@@ -388,6 +432,10 @@ class EvalConfig:
     checkpoint: Optional[str] = None  # conf=eval: the model to evaluate
     k_values: list[int] = field(default_factory=lambda: [4])
     seed: int = 0
+    bootstrap_resamples: int = 1000  # pass@1's 95% interval: resamples of the problems (seeded by eval.seed)
+    # L1: also evaluate every model with these budgets written into the prompts
+    # (grpo.prompt_budget.template), at the largest eval.token_budgets; rows "<model>|think N".
+    prompted_budgets: list[int] = field(default_factory=list)
 
 
 @dataclass

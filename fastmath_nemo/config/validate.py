@@ -107,6 +107,30 @@ def _check_grpo(g: s.GRPOConfig) -> None:
                            f"must be >= 0 (0: never log the mismatch), got {g.mismatch_every_steps}")
     if g.tis_cap is not None and g.tis_cap < 1.0:
         raise config_error("grpo.tis_cap", f"must be >= 1 (a cap on an importance weight), got {g.tis_cap}")
+    if g.dynamic_sampling_max_rounds < 0:
+        raise config_error("grpo.dynamic_sampling_max_rounds",
+                           f"must be >= 0 (extra generation rounds), got {g.dynamic_sampling_max_rounds}")
+    if g.gfpo.keep is not None and not 2 <= g.gfpo.keep < g.num_generations:
+        raise config_error("grpo.gfpo.keep", f"must be in [2, grpo.num_generations) (completions kept of the "
+                           f"{g.num_generations} sampled), got {g.gfpo.keep}")
+    _check_prompt_budget(g.prompt_budget)
+    budgeted = [r.name for r in g.rewards if r.name in ("lcpo_exact", "lcpo_max")]
+    if budgeted and not g.prompt_budget.budgets:
+        raise config_error("grpo.prompt_budget.budgets", f"the {budgeted[0]} reward holds completions to the "
+                           "budget in their prompts: give the budgets to draw from")
+
+
+def _check_prompt_budget(b: s.PromptBudgetConfig) -> None:
+    if any(n <= 0 for n in b.budgets):
+        raise config_error("grpo.prompt_budget.budgets", f"must be > 0 (tokens), got {list(b.budgets)}")
+    for field_name in ("{problem}", "{budget}"):
+        if field_name not in b.template:
+            raise config_error("grpo.prompt_budget.template", f"must contain {field_name}, got {b.template!r}")
+    try:
+        b.template.format(problem="", budget=0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise config_error("grpo.prompt_budget.template",
+                           f"has a field other than {{problem}} and {{budget}} ({e!r}): {b.template!r}") from None
 
 
 def _check_sampling(cfg: s.Config) -> None:
@@ -124,6 +148,10 @@ def _check_sampling(cfg: s.Config) -> None:
             raise config_error("eval.k_values", f"k={k} must be >= 1")
         if k > cfg.eval.n_samples:
             raise config_error("eval.k_values", f"k={k} exceeds eval.n_samples={cfg.eval.n_samples}")
+    if cfg.eval.bootstrap_resamples < 1:
+        raise config_error("eval.bootstrap_resamples", f"must be >= 1, got {cfg.eval.bootstrap_resamples}")
+    if any(n <= 0 for n in cfg.eval.prompted_budgets):
+        raise config_error("eval.prompted_budgets", f"must be > 0 (tokens), got {list(cfg.eval.prompted_budgets)}")
 
 
 def _check_model(model: s.ModelConfig) -> None:
@@ -189,6 +217,8 @@ def _check_heldout(g: s.GRPOConfig) -> None:
     if not 0.0 <= g.keep_tokens_tolerance <= 1.0:
         raise config_error("grpo.keep_tokens_tolerance",
                            f"must be in [0, 1] (a share of mean tokens), got {g.keep_tokens_tolerance}")
+    if g.keep_eligibility == s.KeepEligibility.interval and g.keep != s.KeepRule.best:
+        raise config_error("grpo.keep_eligibility", "chooses among held-out evaluations: set grpo.keep=best")
     if g.eval_every_steps > 0:
         _positive("grpo.heldout_problems", g.heldout_problems)
         _positive("grpo.heldout_n_samples", g.heldout_n_samples)
