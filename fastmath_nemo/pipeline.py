@@ -268,9 +268,9 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
     for name, model_dir in models.items():
         tokenizer = load_tokenizer(model_dir, cfg.data.chat_template)
         generator: Generator | None = None
-        for budget in cfg.eval.token_budgets:
-            cached = run.dir / "eval" / f"{name}@{budget}.json"
-            settings = {**dataclasses.asdict(cfg.eval), "n_problems": len(data.eval), "model_dir": str(model_dir)}
+        for label, budget, records in evaluations_of(name, data.eval, cfg):
+            cached = run.dir / "eval" / f"{label.replace('|think ', '-think')}@{budget}.json"
+            settings = {**dataclasses.asdict(cfg.eval), "n_problems": len(records), "model_dir": str(model_dir)}
             if cfg.resume and cached.exists():
                 saved = json.loads(cached.read_text())
                 if saved.get("settings") == settings:
@@ -284,16 +284,16 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
             if generator is None:
                 generator = make_generator(run, model_dir, tokenizer)
             logger.info("evaluating %s at a %d-token budget on %d problems x %d samples",
-                        name, budget, len(data.eval), cfg.eval.n_samples)
+                        label, budget, len(records), cfg.eval.n_samples)
             try:
-                summary = evaluate(generator, tokenizer, data.eval, cfg.eval, cfg.generation, budget,
-                                   cfg.data.system_prompt, cfg.grpo.verify_timeout_s, label=f"{name}@{budget}",
-                                   samples_path=run.dir / "eval" / f"{name}@{budget}.samples.jsonl")
+                summary = evaluate(generator, tokenizer, records, cfg.eval, cfg.generation, budget,
+                                   cfg.data.system_prompt, cfg.grpo.verify_timeout_s, label=f"{label}@{budget}",
+                                   samples_path=cached.with_suffix(".samples.jsonl"))
             except RolloutsAbandoned:  # a stop request: the evaluations cached so far are kept
                 raise_preempted("eval", len(rows), cached.parent)
-            row = EvalRow(name, budget, summary)
+            row = EvalRow(label, budget, summary)
             numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-            run.metrics.log(f"eval/{name}@{budget}", 0, numbers)
+            run.metrics.log(f"eval/{label}@{budget}", 0, numbers)
             if is_rank0():
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(cached, {"settings": settings, "row": row.to_dict()})
@@ -310,6 +310,19 @@ def eval_stage(run: Run, data: TaskData, models: dict[str, Path]) -> list[EvalRo
         write_report(rows, run.dir, {"run": cfg.run.name, "stage": cfg.stage, "models": {k: str(v) for k, v in models.items()}},
                      metrics=read_metrics(metrics_file) if metrics_file.is_file() else [], kept=kept)
     return rows
+
+
+def evaluations_of(name: str, records: list[MathRecord], cfg: Config) -> list[tuple[str, int, list[MathRecord]]]:
+    """(row label, token budget, problems) of one model's evaluations: every eval.token_budgets,
+    then (L1) every eval.prompted_budgets written into the problems with
+    grpo.prompt_budget.template, at the largest token budget, labelled ``<model>|think N``."""
+    out = [(name, budget, records) for budget in cfg.eval.token_budgets]
+    template = cfg.grpo.prompt_budget.template
+    for prompted in cfg.eval.prompted_budgets:
+        budgeted = [dataclasses.replace(r, problem=template.format(problem=r.problem, budget=prompted))
+                    for r in records]
+        out.append((f"{name}|think {prompted}", max(cfg.eval.token_budgets), budgeted))
+    return out
 
 
 # -- entry point -------------------------------------------------------------------------

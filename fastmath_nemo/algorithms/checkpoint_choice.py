@@ -3,9 +3,14 @@
     step 0, every grpo.eval_every_steps, the last step:
         pass@1, mean output tokens on a held-out slice        metrics: grpo_heldout / heldout/*
     keep=last: the last step's weights
-    keep=best: fewest held-out mean tokens among the evaluations whose pass@1 is at least
-               step 0's minus grpo.keep_tolerance (step 0 always qualifies: GRPO never
-               outputs a model worse than its start on this slice); evaluations within
+    keep=best: fewest held-out mean tokens among the eligible evaluations (step 0 always is:
+               GRPO never outputs a model worse than its start on this slice), by
+               grpo.keep_eligibility:
+                 tolerance: pass@1 at least step 0's minus grpo.keep_tolerance
+                 interval:  pass@1's 95% bootstrap interval (evaluation.metrics) overlaps
+                            step 0's or lies above it (hi >= step 0's lo): the slice cannot
+                            tell the step from its start, or it is better
+               evaluations within
                grpo.keep_tokens_tolerance of the fewest tokens count as the shortest, and the
                most accurate of them is kept
 
@@ -48,20 +53,27 @@ class HeldoutResult:
     step: int
     pass_at_1: float
     mean_tokens: float
+    ci95: tuple[float, float] | None = None  # pass@1's 95% bootstrap interval (None: recorded before it existed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "pass@1": self.pass_at_1, "mean_tokens": self.mean_tokens}
+        out: dict[str, Any] = {"step": self.step, "pass@1": self.pass_at_1, "mean_tokens": self.mean_tokens}
+        if self.ci95 is not None:
+            out["pass@1_ci95"] = list(self.ci95)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HeldoutResult":
-        return cls(int(d["step"]), float(d["pass@1"]), float(d["mean_tokens"]))
+        ci = d.get("pass@1_ci95")
+        return cls(int(d["step"]), float(d["pass@1"]), float(d["mean_tokens"]),
+                   None if ci is None else (float(ci[0]), float(ci[1])))
 
 
 def choose(history: list[HeldoutResult], keep: str, tolerance: float, last_step: int,
-           tokens_tolerance: float = 0.0) -> tuple[int, str]:
+           tokens_tolerance: float = 0.0, eligibility: str = "tolerance") -> tuple[int, str]:
     """(step to keep, a sentence saying why). ``history`` starts with step 0's evaluation.
 
-    Of the evaluations within ``tolerance`` of step 0's pass@1, those whose mean tokens are
+    Of the eligible evaluations (``eligibility``: within ``tolerance`` of step 0's pass@1, or
+    with a 95% interval that reaches step 0's: the module docstring), those whose mean tokens are
     within ``tokens_tolerance`` (a share) of the fewest are as short as the shortest: 80.84
     against 80.87 tokens must not outweigh 98.4% against 100%. The kept step is the most
     accurate of them, then the shorter, then the later."""
@@ -69,8 +81,18 @@ def choose(history: list[HeldoutResult], keep: str, tolerance: float, last_step:
         return last_step, f"grpo.keep={keep}: the last step's weights"
     start = history[0]
     assert start.step == 0, "the held-out history must start with the GRPO start (step 0)"
-    floor = start.pass_at_1 - tolerance
-    eligible = [h for h in history if h.pass_at_1 >= floor - 1e-9]
+    if eligibility == "interval":
+        if any(h.ci95 is None for h in history):
+            raise ValueError("grpo.keep_eligibility=interval needs every held-out evaluation's pass@1 interval; "
+                             "these were recorded without one (resume with keep_eligibility=tolerance)")
+        floor = start.ci95[0]  # type: ignore[index]
+        eligible = [h for h in history if h.ci95[1] >= floor - 1e-9]  # type: ignore[index]
+        rule = (f"whose pass@1 95% interval reaches step 0's ({100 * floor:.1f}-{100 * start.ci95[1]:.1f}%)"  # type: ignore[index]
+                f" or lies above it")
+    else:
+        floor = start.pass_at_1 - tolerance
+        eligible = [h for h in history if h.pass_at_1 >= floor - 1e-9]
+        rule = f"whose pass@1 stayed within {100 * tolerance:.1f} points of step 0's {100 * start.pass_at_1:.1f}%"
     fewest = min(h.mean_tokens for h in eligible)
     shortest = [h for h in eligible if h.mean_tokens <= fewest * (1 + tokens_tolerance) + 1e-9]
     best = max(shortest, key=lambda h: (h.pass_at_1, -h.mean_tokens, h.step))
@@ -82,8 +104,7 @@ def choose(history: list[HeldoutResult], keep: str, tolerance: float, last_step:
     else:
         short = (f"has the fewest held-out mean tokens ({best.mean_tokens:.1f}, step 0: {start.mean_tokens:.1f}; "
                  f"pass@1 {100 * best.pass_at_1:.1f}%)")
-    reason = (f"grpo.keep=best: step {best.step} {short}, among the {len(eligible)} of {len(history)} evaluations "
-              f"whose pass@1 stayed within {100 * tolerance:.1f} points of step 0's {100 * start.pass_at_1:.1f}%")
+    reason = f"grpo.keep=best: step {best.step} {short}, among the {len(eligible)} of {len(history)} evaluations {rule}"
     if excluded:
         reason += "; below that: " + ", ".join(f"step {h.step} ({100 * h.pass_at_1:.1f}%)" for h in excluded)
     return best.step, reason
@@ -120,7 +141,7 @@ class CheckpointChoice:
 
     def _kept(self) -> int:
         return choose(self.history, self.cfg.keep, self.cfg.keep_tolerance, self.cfg.steps,
-                      self.cfg.keep_tokens_tolerance)[0]
+                      self.cfg.keep_tokens_tolerance, self.cfg.keep_eligibility)[0]
 
     def after_step(self, step: int, policy: Any, generator: Generator) -> None:
         """Evaluate when ``step`` is due (0, every ``eval_every_steps``, the last) and not yet
@@ -133,11 +154,15 @@ class CheckpointChoice:
         summary = self.evaluate(step)  # type: ignore[misc]
         generator.sleep()
         # Every rank computed the same summary from all ranks' samples; rank 0's is the one used.
-        result = broadcast_object(HeldoutResult(step, float(summary["pass@1"]), float(summary["mean_output_tokens"])))
+        ci = summary.get("pass@1_ci95")
+        result = broadcast_object(HeldoutResult(step, float(summary["pass@1"]), float(summary["mean_output_tokens"]),
+                                                None if ci is None else (float(ci[0]), float(ci[1]))))
         assert isinstance(result, HeldoutResult)
         self.history.append(result)
-        self.metrics.log(HELDOUT_STAGE, step, {"heldout/pass@1": result.pass_at_1,
-                                                "heldout/mean_tokens": result.mean_tokens})
+        logged = {"heldout/pass@1": result.pass_at_1, "heldout/mean_tokens": result.mean_tokens}
+        if result.ci95 is not None:
+            logged.update({"heldout/pass@1_ci95_lo": result.ci95[0], "heldout/pass@1_ci95_hi": result.ci95[1]})
+        self.metrics.log(HELDOUT_STAGE, step, logged)
         if self.cfg.keep == "best" and step < self.cfg.steps and self._kept() == step:
             self.checkpoints.save_as(policy, self.candidates / f"step_{step}", {"step": step})
             self.prune_candidates()
@@ -159,7 +184,7 @@ class CheckpointChoice:
         if committed is not None and committed.get("heldout"):
             recorded = [HeldoutResult.from_dict(d) for d in committed["heldout"]]
             needed.add(choose(recorded, self.cfg.keep, self.cfg.keep_tolerance, self.cfg.steps,
-                              self.cfg.keep_tokens_tolerance)[0])
+                              self.cfg.keep_tokens_tolerance, self.cfg.keep_eligibility)[0])
         for candidate_step, candidate in list_checkpoints(self.candidates):
             if candidate_step not in needed:
                 shutil.rmtree(candidate)
@@ -169,13 +194,14 @@ class CheckpointChoice:
         self.checkpoints.wait()  # a checkpoint still being written is completed first
         steps = self.cfg.steps
         kept, reason = choose(self.history, self.cfg.keep, self.cfg.keep_tolerance, steps,
-                              self.cfg.keep_tokens_tolerance)
+                              self.cfg.keep_tokens_tolerance, self.cfg.keep_eligibility)
         if self.history and is_rank0():
             # keep=last saves no candidate, and a run shorter than its checkpoint interval has
             # written nothing into the stage directory yet
             self.checkpoints.stage_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.checkpoints.stage_dir / KEPT_FILE, {
                 "keep": self.cfg.keep, "step": kept, "of_steps": steps, "reason": reason,
+                "keep_eligibility": self.cfg.keep_eligibility,
                 "keep_tolerance": self.cfg.keep_tolerance, "keep_tokens_tolerance": self.cfg.keep_tokens_tolerance,
                 "heldout": {"problems": self.cfg.heldout_problems, "n_samples": self.cfg.heldout_n_samples,
                             "token_budget": self.cfg.heldout_token_budget},

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 DEFAULT_K_VALUES: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
 
 
@@ -79,15 +81,32 @@ def _group_by_problem(samples: Iterable[SampleResult]) -> dict[int, list[SampleR
     return groups
 
 
+def bootstrap_ci95(per_problem: Sequence[float], resamples: int, seed: int) -> list[float]:
+    """95% percentile bootstrap interval of the mean of ``per_problem`` (one pass@1 per
+    problem): ``resamples`` draws of as many problems with replacement (numpy's PCG64 seeded by
+    ``seed``), and the 2.5th and 97.5th percentiles of their means (linear interpolation).
+    Problems, not samples, are resampled: a problem's samples are not independent draws of
+    the benchmark. Returns [lo, hi]."""
+    values = np.asarray(per_problem, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def summarize(
-    samples: Sequence[SampleResult], k_values: Iterable[int] = DEFAULT_K_VALUES
+    samples: Sequence[SampleResult], k_values: Iterable[int] = DEFAULT_K_VALUES, *,
+    bootstrap_resamples: int = 1000, seed: int = 0,
 ) -> dict[str, Any]:
     """Aggregate graded samples of one (model, token budget) evaluation.
 
     Keys: ``pass@1`` (mean over problems of c/n, i.e. pass@1 averaged over the n samples),
-    ``pass@k`` and ``maj@k`` for every k in ``k_values`` with k <= n (``pass@1`` is never
-    overwritten), ``mean_output_tokens`` (over all samples), ``truncated_share`` (share of
-    samples that hit the budget), ``n_problems`` and ``n_samples`` (samples per problem).
+    ``pass@1_ci95`` ([lo, hi], :func:`bootstrap_ci95` over problems), ``pass@k`` and ``maj@k``
+    for every k in ``k_values`` with k <= n (``pass@1`` is never overwritten),
+    ``mean_output_tokens``, ``p50_output_tokens`` and ``p90_output_tokens`` (over all samples),
+    ``tokens_per_correct`` (all samples' tokens / correct samples; None without one),
+    ``truncated_share`` (share of samples that hit the budget), ``n_problems`` and
+    ``n_samples`` (samples per problem).
 
     Raises ValueError when there are no samples or problems have different sample counts
     (unequal n would silently weight problems differently in pass@k).
@@ -105,14 +124,19 @@ def summarize(
     n_problems = len(groups)
     correct_counts = [sum(s.correct for s in g) for g in groups.values()]
 
-    result: dict[str, Any] = {"pass@1": sum(c / n for c in correct_counts) / n_problems}
+    result: dict[str, Any] = {"pass@1": sum(c / n for c in correct_counts) / n_problems,
+                              "pass@1_ci95": bootstrap_ci95([c / n for c in correct_counts], bootstrap_resamples, seed)}
     usable = [k for k in ks if k <= n]
     for k in usable:
         if k != 1:
             result[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct_counts) / n_problems
     for k in usable:
         result[f"maj@{k}"] = sum(majority_at_k(g, k) for g in groups.values()) / n_problems
-    result["mean_output_tokens"] = sum(s.num_tokens for s in samples) / len(samples)
+    tokens = np.asarray([s.num_tokens for s in samples], dtype=np.float64)
+    result["mean_output_tokens"] = float(tokens.mean())
+    result["p50_output_tokens"], result["p90_output_tokens"] = (float(q) for q in np.percentile(tokens, [50, 90]))
+    n_correct = sum(correct_counts)
+    result["tokens_per_correct"] = float(tokens.sum()) / n_correct if n_correct else None
     result["truncated_share"] = sum(s.truncated for s in samples) / len(samples)
     result["n_problems"] = n_problems
     result["n_samples"] = n

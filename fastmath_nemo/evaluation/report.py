@@ -4,8 +4,9 @@ GRPO step kept and why) and ``report.png`` (curves and pass@1 against tokens, em
 ``report.json`` layout::
 
     {"evaluations": [{"model": "base", "token_budget": 512, "pass@1": 0.41,
-                      "mean_output_tokens": 123.4, "n_problems": 200, "n_samples": 4,
-                      "maj@4": ..., "truncated_share": ..., ...}, ...],
+                      "pass@1_ci95": [0.36, 0.46], "mean_output_tokens": 123.4,
+                      "p50_output_tokens": ..., "p90_output_tokens": ..., "tokens_per_correct": ...,
+                      "n_problems": 200, "n_samples": 4, "maj@4": ..., "truncated_share": ..., ...}, ...],
      "meta": {...}}
 """
 
@@ -80,10 +81,16 @@ def _fmt_tokens(value: float) -> str:
 
 def format_comparisons(rows: Sequence[RowLike]) -> list[str]:
     """One line per (model, budget) comparing each model with the model listed before it,
-    e.g. ``grpo vs sft @512: tokens -34.2%, pass@1 -0.5 pts``."""
+    e.g. ``grpo vs sft @512: tokens -34.2%, pass@1 -0.5 pts``. A row label ``<model>|<variant>``
+    (``grpo|think 100``: evaluation.prompted_budgets) is compared with the previous model's
+    row of the same variant."""
     models, budgets, cells = _index(_as_rows(rows))
+    variants: dict[str, list[str]] = {}
+    for model in models:
+        variants.setdefault(model.partition("|")[2], []).append(model)
+    pairs = [pair for labels in variants.values() for pair in zip(labels, labels[1:])]
     lines: list[str] = []
-    for prev, cur in zip(models, models[1:]):
+    for prev, cur in pairs:
         for budget in budgets:
             a, b = cells.get((prev, budget)), cells.get((cur, budget))
             if a is None or b is None:
@@ -125,6 +132,29 @@ def format_table(rows: Sequence[RowLike], comparisons: bool = True) -> str:
     return text
 
 
+def _cell(row: EvalRow, key: str, fmt) -> str:
+    value = row.metrics.get(key)
+    return "-" if value is None else fmt(value)
+
+
+def format_details(rows: Sequence[RowLike]) -> str:
+    """Markdown table, one line per (model, budget): pass@1 with its 95% bootstrap interval,
+    mean / p50 / p90 output tokens, tokens per correct answer and the truncated share (``-``
+    where an evaluation did not record one)."""
+    lines = ["| model | budget | pass@1 [95% CI] | mean tokens | p50 | p90 | tokens / correct | truncated |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in _as_rows(rows):
+        ci = row.metrics.get("pass@1_ci95")
+        interval = f" [{_fmt_pass(ci[0])}, {_fmt_pass(ci[1])}]" if ci is not None else ""
+        lines.append("| " + " | ".join([
+            row.model, str(row.token_budget), _fmt_pass(row.metrics["pass@1"]) + interval,
+            _fmt_tokens(row.metrics["mean_output_tokens"]), _cell(row, "p50_output_tokens", _fmt_tokens),
+            _cell(row, "p90_output_tokens", _fmt_tokens), _cell(row, "tokens_per_correct", _fmt_tokens),
+            _cell(row, "truncated_share", lambda v: f"{100.0 * v:.1f}%"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def kept_line(kept: Mapping[str, Any]) -> str:
     """Which GRPO step the stage output and why (``<grpo dir>/kept.json``)."""
     return f"GRPO output: step {kept['step']} of {kept['of_steps']}. {kept['reason']}."
@@ -142,7 +172,7 @@ def write_report(rows: Sequence[RowLike], directory: Path, meta: Mapping[str, An
     meta = {**meta, **({"grpo_kept": dict(kept)} if kept is not None else {})}
     payload = {"evaluations": [r.to_dict() for r in eval_rows], "meta": meta}
     atomic_write_json(directory / "report.json", payload)
-    text = "# Evaluation report\n\n" + format_table(eval_rows)
+    text = "# Evaluation report\n\n" + format_table(eval_rows) + "\n" + format_details(eval_rows)
     if kept is not None:
         text += "\n" + kept_line(kept) + "\n"
     if metrics is not None:

@@ -74,7 +74,7 @@ def evaluate(
         logger.info("%s: %d samples in %s (%.0f%% without a \\boxed{} answer, %.0f%% cut by the %d-token budget)",
                     label, len(samples), samples_path, 100 * unboxed, 100 * cut, token_budget)
     summary = summarize([s.result() for s in sorted(samples, key=lambda s: (s.problem_id, s.sample))],
-                        cfg.k_values)
+                        cfg.k_values, bootstrap_resamples=cfg.bootstrap_resamples, seed=cfg.seed)
     summary["generation_s"] = elapsed
     summary["tokens_per_s"] = sum(s.tokens for s in samples) / max(elapsed, 1e-9)
     return summary

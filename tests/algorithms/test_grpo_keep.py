@@ -62,6 +62,26 @@ def test_near_equal_token_counts_go_to_the_more_accurate_step():
     assert choose(history + [H(60, 1.0, 82.0)], "best", 0.03, last_step=60, tokens_tolerance=0.01)[0] == 50
 
 
+def test_interval_rule_admits_steps_whose_interval_reaches_step_0s():
+    def C(step, pass_at_1, tokens, lo, hi):
+        return HeldoutResult(step, pass_at_1, tokens, (lo, hi))
+
+    history = [C(0, 0.90, 100.0, 0.85, 0.95), C(10, 0.84, 60.0, 0.78, 0.86), C(20, 0.80, 50.0, 0.72, 0.849),
+               C(30, 0.99, 70.0, 0.96, 1.0)]
+    step, reason = choose(history, "best", 0.0, last_step=30, eligibility="interval")
+    # step 10's [0.78, 0.86] overlaps [0.85, 0.95]; step 20's ends at 0.849, below 0.85; step 30
+    # lies above: eligible are 0, 10, 30, and step 10 has the fewest tokens of them
+    assert step == 10
+    assert "interval reaches step 0's (85.0-95.0%)" in reason and "step 20 (80.0%)" in reason
+    # the fixed tolerance of 2 points would have kept step 30 (step 10 lost 6)
+    assert choose(history, "best", 0.02, last_step=30)[0] == 30
+    # an evaluation recorded without an interval cannot be judged by one
+    with pytest.raises(ValueError, match="keep_eligibility=tolerance"):
+        choose(history + [H(40, 0.9, 40.0)], "best", 0.0, last_step=40, eligibility="interval")
+    assert HeldoutResult.from_dict(history[1].to_dict()) == history[1]
+    assert HeldoutResult.from_dict(H(5, 0.5, 9.0).to_dict()).ci95 is None
+
+
 def test_history_must_start_at_step_0():
     with pytest.raises(AssertionError, match="step 0"):
         choose([H(5, 0.5, 10.0)], "best", 0.1, last_step=5)

@@ -83,6 +83,10 @@ def test_summarize_hand_set():
     assert out["maj@4"] == pytest.approx(1.0)  # p0 "3"; p1 "8"
     assert out["mean_output_tokens"] == pytest.approx(62.5)  # (100 + 400) / 8
     assert out["truncated_share"] == pytest.approx(0.125)
+    # sorted 10 20 30 40 100 100 100 100: median (40 + 100) / 2, 90th at index 6.3 -> 100
+    assert (out["p50_output_tokens"], out["p90_output_tokens"]) == (70.0, 100.0)
+    assert out["tokens_per_correct"] == pytest.approx(500 / 4)
+    assert out["pass@1_ci95"] == [0.5, 0.5]  # both problems at 2 of 4: every resample's mean is 0.5
     assert out["n_problems"] == 2
     assert out["n_samples"] == 4
 
@@ -96,3 +100,32 @@ def test_summarize_unequal_n_raises():
 def test_summarize_empty_raises():
     with pytest.raises(ValueError):
         summarize([])
+
+
+def _binomial_quantile(n: int, p: float, q: float) -> int:
+    """The smallest k with P(Binomial(n, p) <= k) >= q."""
+    total = 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if total >= q:
+            return k
+    return n
+
+
+def test_pass_at_1_interval_matches_the_binomial_closed_form():
+    """One sample per problem, 30 of 50 right: a resample's pass@1 is Binomial(50, 0.6) / 50,
+    so the bootstrap's 2.5th and 97.5th percentiles are that distribution's quantiles, up to
+    one problem (1/50) for the finite resamples and the interpolation."""
+    samples = [s(i, "1", i < 30, 10) for i in range(50)]
+    lo, hi = summarize(samples, (1,), bootstrap_resamples=20000, seed=3)["pass@1_ci95"]
+    assert abs(lo - _binomial_quantile(50, 0.6, 0.025) / 50) <= 1 / 50 + 1e-9
+    assert abs(hi - _binomial_quantile(50, 0.6, 0.975) / 50) <= 1 / 50 + 1e-9
+    # about 0.6 -+ 1.96 sqrt(0.6 * 0.4 / 50) = [0.464, 0.736], and seeded: the same twice
+    assert 0.44 <= lo <= 0.48 and 0.72 <= hi <= 0.76
+    assert summarize(samples, (1,), bootstrap_resamples=20000, seed=3)["pass@1_ci95"] == [lo, hi]
+    few = [summarize(samples, (1,), bootstrap_resamples=40, seed=seed)["pass@1_ci95"] for seed in range(5)]
+    assert len({tuple(ci) for ci in few}) > 1  # the seed is the resampling's
+
+
+def test_tokens_per_correct_is_none_without_a_correct_sample():
+    assert summarize([s(0, "1", False, 10), s(1, "1", False, 30)], (1,))["tokens_per_correct"] is None

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fastmath_nemo.evaluation.report import EvalRow, format_comparisons, format_table, write_report
+from fastmath_nemo.evaluation.report import EvalRow, format_comparisons, format_details, format_table, write_report
 
 
 def _rows():
@@ -43,6 +43,14 @@ def test_comparisons_vs_previous_model():
     assert "grpo vs sft @512: tokens -34.2%, pass@1 -0.5 pts" in format_table(_rows())
 
 
+def test_prompted_budget_rows_compare_with_their_own_variant():
+    rows = [{"model": m, "token_budget": 400, "pass@1": p, "mean_output_tokens": t}
+            for m, p, t in [("sft", 1.0, 200.0), ("sft|think 60", 0.9, 100.0), ("grpo", 1.0, 100.0),
+                            ("grpo|think 60", 0.95, 60.0)]]
+    assert format_comparisons(rows) == ["grpo vs sft @400: tokens -50.0%, pass@1 +0.0 pts",
+                                        "grpo|think 60 vs sft|think 60 @400: tokens -40.0%, pass@1 +5.0 pts"]
+
+
 def test_missing_cell_and_dict_rows():
     rows = [
         {"model": "sft", "token_budget": 512, "pass@1": 0.5, "mean_output_tokens": 12345.6},
@@ -52,6 +60,15 @@ def test_missing_cell_and_dict_rows():
     assert "| sft | 50.0 | 12,346 | - | - |" in table
     assert "| grpo | - | - | 25.0 | 10 |" in table
     assert "vs" not in table  # no shared budget to compare
+
+
+def test_details_show_the_interval_percentiles_and_tokens_per_correct():
+    row = EvalRow("grpo", 400, {"pass@1": 0.9875, "pass@1_ci95": [0.97, 1.0], "mean_output_tokens": 81.4,
+                                "p50_output_tokens": 80.0, "p90_output_tokens": 95.5, "tokens_per_correct": 82.43,
+                                "truncated_share": 0.0125})
+    lines = format_details([row, {"model": "old", "token_budget": 400, "pass@1": 0.5, "mean_output_tokens": 9.0}])
+    assert lines.splitlines()[2] == "| grpo | 400 | 98.8 [97.0, 100.0] | 81 | 80 | 96 | 82 | 1.2% |"
+    assert lines.splitlines()[3] == "| old | 400 | 50.0 | 9 | - | - | - | - |"  # written before these existed
 
 
 def test_duplicate_rows_rejected():
@@ -76,6 +93,7 @@ def test_write_report(tmp_path):
     md = (out / "report.md").read_text()
     assert "| sft | 66.9 | 500 | 70.0 | 1,234 |" in md
     assert "grpo vs sft @512: tokens -34.2%, pass@1 -0.5 pts" in md
+    assert "| sft | 1024 | 70.0 | 1,234 | - | - | - | 10.0% |" in md  # the details table
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # no temp files
     # Round trip through EvalRow.from_dict.
     assert [EvalRow.from_dict(r) for r in data["evaluations"]] == _rows()
