@@ -77,3 +77,25 @@ def stuck_peer(rank: int, init_file: str, out_dir: str) -> None:
     Path(out_dir, "rank0.json").write_text(json.dumps({"outcome": outcome, "recognised": recognised,
                                                        "waited_s": time.monotonic() - start}))
     os._exit(0)
+
+
+def dynamic_sampling_step(rank: int, init_file: str, out_dir: str, tokenizer) -> None:
+    """Two data-parallel ranks collect one dynamic-sampling step of scripted rollouts
+    (tests/algorithms/test_rollout_rounds.py's problems): each writes the groups it trains and
+    its metrics."""
+    from fastmath_nemo.algorithms.rollout_rounds import StepPrompts, collect_step
+    from fastmath_nemo.generation.base import SamplingParams
+    from fastmath_nemo.utils.distributed import shard
+    from tests.algorithms._scripted import SYSTEM_PROMPT, ScriptedGenerator, grpo_config, scripted_completions
+    from tests.algorithms.test_rollout_rounds import RECORDS
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = grpo_config(prompts_per_step=4, dynamic_sampling=True, dynamic_sampling_max_rounds=6)
+    prompts = StepPrompts(RECORDS, tokenizer, SYSTEM_PROMPT, cfg, seed=5)
+    rows, generated, metrics = collect_step(ScriptedGenerator(scripted_completions(tokenizer)), prompts,
+                                            shard([0, 1, 3, 9]), SamplingParams(n=2, seed=11), cfg, step=0, seed=5)
+    dist.destroy_process_group()
+    groups = [tokenizer.decode(p) for p in rows.prompts]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "groups": groups, "correct": rows.correct, "rewards": rows.rewards.tolist(), "generated": len(generated),
+        "metrics": {k: v for k, v in metrics.items() if not k.startswith("timing/")}}))

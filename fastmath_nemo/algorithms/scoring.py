@@ -26,7 +26,8 @@ class ScoredRows:
     texts:        [N] decoded completions; correct: [N] verified against the group's answer
     rewards:      [N] weighted total (after grpo.correctness_first's lift)
     per_reward:   {name: [N]} each reward before weighting
-    lifted_groups: groups whose correct completions grpo.correctness_first lifted
+    lifted_groups: groups whose correct completions grpo.correctness_first lifted when these
+                  rows were scored (summed by ``concat``; a selection's own count is unknown: 0)
     """
 
     prompts: list[list[int]]
@@ -54,7 +55,7 @@ class ScoredRows:
         return ScoredRows([self.prompts[g] for g in groups], picked, [self.texts[i] for i in rows],
                           [self.correct[i] for i in rows], self.rewards[index],
                           {k: v[index] for k, v in self.per_reward.items()},
-                          None if self.budgets is None else [self.budgets[g] for g in groups], self.lifted_groups)
+                          None if self.budgets is None else [self.budgets[g] for g in groups])
 
     @staticmethod
     def concat(parts: list["ScoredRows"]) -> "ScoredRows":

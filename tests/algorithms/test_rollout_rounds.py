@@ -120,3 +120,25 @@ def test_a_step_without_any_signal_makes_no_update(tiny_task, tmp_path) -> None:
         assert record["train/skipped"] == 1.0 and record["dynamic/rounds"] == 2.0 and "loss" not in record
         assert record["accuracy"] == 1.0 and record["dynamic/kept_share"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
+
+
+def test_two_ranks_refill_together_and_train_as_many_groups(tiny_task, tmp_path) -> None:
+    """Data-parallel ranks decide the rounds together and deal the kept groups out again: the
+    step's four problems (0, 1, 3, 9) have no signal, the refills find some on one rank or the
+    other, and each rank trains two groups that vary, with the same metrics on both."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests._distributed_ranks import dynamic_sampling_step
+
+    mp.spawn(dynamic_sampling_step, args=(str(tmp_path / "init"), str(tmp_path), tiny_task.tokenizer), nprocs=2,
+             join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(r["groups"]) for r in ranks] == [2, 2]
+    for r in ranks:
+        assert all(a != b for a, b in zip(r["rewards"][::2], r["rewards"][1::2]))  # each group varies
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert ranks[0]["metrics"]["dynamic/trained_groups"] == 4 and ranks[0]["metrics"]["dynamic/rounds"] > 1
+    drawn = sum(r["generated"] for r in ranks) // 2  # problems generated for (two completions each), both ranks
+    assert ranks[0]["metrics"]["dynamic/kept_share"] >= 4 / drawn
