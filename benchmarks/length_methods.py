@@ -1,7 +1,7 @@
 """The length-control methods side by side: GRPO from one SFT checkpoint with each method.
 
     python benchmarks/length_methods.py [--run-dir DIR] [--sft DIR] [--methods paper,dapo,...]
-                                        [--no-dynamic] [key=value ...]
+                                        [--no-dynamic] [--reuse] [key=value ...]
 
 1. SFT once, as the main job does (``conf=sft``), unless ``--sft`` names a model folder.
 2. For every method, GRPO from that folder (``conf=<preset> stage=grpo``), then the evaluation
@@ -62,10 +62,14 @@ def evaluation(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "report.json").read_text())["evaluations"]
 
 
-def run_method(name: str, dynamic: bool, sft: Path, out: Path, overrides: list[str]) -> dict:
-    """GRPO with the method's preset from ``sft``, then the evaluation of its output."""
+def run_method(name: str, dynamic: bool, sft: Path, out: Path, overrides: list[str], reuse: bool) -> dict:
+    """GRPO with the method's preset from ``sft``, then the evaluation of its output; with
+    ``reuse``, the result an earlier run of this benchmark left in the method's directory."""
     label = name + (" + dynamic sampling" if dynamic else "")
     run_dir = out / (name + ("_dynamic" if dynamic else ""))
+    if reuse and (run_dir / "result.json").is_file():
+        print(f"{label}: reusing {run_dir / 'result.json'}", flush=True)
+        return json.loads((run_dir / "result.json").read_text())
     extra = ["grpo.dynamic_sampling=true"] if dynamic else []
     print(f"[{time.strftime('%H:%M:%S')}] {label}: GRPO ...", flush=True)
     wall = launch([f"conf={PRESETS[name]}", "stage=grpo", f"grpo.init_from={sft}", f"run.dir={run_dir}",
@@ -80,6 +84,7 @@ def run_method(name: str, dynamic: bool, sft: Path, out: Path, overrides: list[s
               "generated_per_step": sum(s["completion/mean_tokens"] for s in grpo) / max(len(grpo), 1),
               "rounds": sum(s.get("dynamic/rounds", 1.0) for s in grpo) / max(len(grpo), 1),
               "evaluations": rows}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     main = rows[0]
     print(f"[{time.strftime('%H:%M:%S')}] {label}: pass@1 {100 * main['pass@1']:.1f}% "
           f"{main['mean_output_tokens']:.1f} tokens, GRPO {wall:.0f} s", flush=True)
@@ -150,6 +155,8 @@ def main() -> int:
     parser.add_argument("--sft", type=Path, default=None, help="an SFT model folder (default: train one)")
     parser.add_argument("--methods", default=",".join(PRESETS), help=f"comma-separated, of {', '.join(PRESETS)}")
     parser.add_argument("--no-dynamic", action="store_true", help="skip the dynamic-sampling variants")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a method's result from <run-dir>/<method>/result.json where an earlier run left it")
     args, overrides = parser.parse_known_args()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in PRESETS]
@@ -165,7 +172,7 @@ def main() -> int:
     launch(["conf=recipe", "stage=eval", f"eval.checkpoint={sft}", f"run.dir={out / 'sft_eval'}", *overrides],
            out / "sft_eval" / "eval.log")
     sft_row = evaluation(out / "sft_eval")[0]
-    results = [run_method(m, dynamic, sft.resolve(), out, overrides)
+    results = [run_method(m, dynamic, sft.resolve(), out, overrides, args.reuse)
                for m in methods for dynamic in ([False] if args.no_dynamic else [False, True])]
     text = table(results, sft_row)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

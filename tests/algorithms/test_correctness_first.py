@@ -44,7 +44,8 @@ def groups(draw, max_tokens: int, budgets: list[int]):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_no_correct_completion_is_rewarded_below_a_wrong_one(name, data) -> None:
     cfg = CONFIGS[name]
