@@ -93,7 +93,7 @@ def collect_step(
             return None
         t0 = time.perf_counter()
         scored = score_rollouts(rollouts, ids, [prompts.records[r].answer for r in records], prompts.tokenizer, cfg,
-                                None if budgets[0] is None else budgets)  # type: ignore[arg-type]
+                                None if not budgets or budgets[0] is None else budgets)  # type: ignore[arg-type]
         generated.append(scored)
         if cfg.gfpo.keep is not None:
             lengths = [len(t) for t in scored.rollouts.token_ids]

@@ -92,7 +92,7 @@ class KeepRule(Choice):
     """Which GRPO step is the stage's output (algorithms/checkpoint_choice.py)."""
 
     last = "last"
-    best = "best"  # fewest held-out tokens with pass@1 within keep_tolerance of step 0
+    best = "best"  # fewest held-out tokens among the eligible evaluations (keep_eligibility)
 
 
 class KeepEligibility(Choice):
