@@ -10,6 +10,7 @@ Run directory layout (``run.dir``, default ``runs/<run.name>``)::
     eval/<model>@<budget>.json, report.json, report.md
     eval/<model>@<budget>.samples.jsonl    every graded completion (sft-epoch<E>@<budget> for
                                            evaluations during SFT)
+    eval/<model>-think<N>@<budget>.json    eval.prompted_budgets: the budget N written into the prompts
 """
 
 from __future__ import annotations
