@@ -192,8 +192,6 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "lcpo_exact": length_methods.lcpo_exact_reward,
     "lcpo_max": length_methods.lcpo_max_reward,
 }
-# Rewards that consume `correct`; verification is skipped when none of them is requested.
-_NEEDS_CORRECT = frozenset({"accuracy", "cosine", "kimi_length", "shorterbetter", "laser_d", "lcpo_exact", "lcpo_max"})
 
 
 def get_reward_fn(name: str) -> RewardFn:
@@ -291,7 +289,8 @@ def compute_rewards(
     fns = [(name, weight, kwargs, get_reward_fn(name)) for name, weight, kwargs in specs]
     for name, _weight, kwargs, _fn in fns:
         check_reward_kwargs(name, kwargs)
-    if correct is None and any(name in _NEEDS_CORRECT for name, *_ in fns):
+    # verify only where a reward reads the verdicts (takes ``correct``)
+    if correct is None and any("correct" in inspect.signature(fn).parameters for *_, fn in fns):
         correct = verify_many(completions, golds, timeout_s)
     shared = {"correct": correct, "finish_reasons": finish_reasons, "budgets": budgets, "timeout_s": timeout_s}
     total = torch.zeros(len(completions), dtype=torch.float32)
