@@ -22,7 +22,6 @@ class ScoredRows:
     """N completions, group-major (``rollouts.prompt_index[i]`` is row i's group, 0..P-1).
 
     prompts[p]:   the prompt ids of group p
-    budgets:      [P] the token budget written into each group's prompt (L1), or None
     texts:        [N] decoded completions; correct: [N] verified against the group's answer
     rewards:      [N] weighted total (after grpo.correctness_first's lift)
     per_reward:   {name: [N]} each reward before weighting
@@ -36,7 +35,6 @@ class ScoredRows:
     correct: list[bool]
     rewards: torch.Tensor
     per_reward: dict[str, torch.Tensor]
-    budgets: list[int] | None = None
     lifted_groups: int = 0
 
     def __len__(self) -> int:
@@ -44,7 +42,7 @@ class ScoredRows:
 
     def select(self, rows: list[int]) -> "ScoredRows":
         """Rows ``rows`` (whole groups or parts of them, in order); groups renumbered 0.. in
-        order of first appearance, prompts and budgets with them."""
+        order of first appearance, prompts with them."""
         groups: dict[int, int] = {}
         for i in rows:
             groups.setdefault(self.rollouts.prompt_index[i], len(groups))
@@ -54,26 +52,24 @@ class ScoredRows:
         index = torch.tensor(rows, dtype=torch.long)
         return ScoredRows([self.prompts[g] for g in groups], picked, [self.texts[i] for i in rows],
                           [self.correct[i] for i in rows], self.rewards[index],
-                          {k: v[index] for k, v in self.per_reward.items()},
-                          None if self.budgets is None else [self.budgets[g] for g in groups])
+                          {k: v[index] for k, v in self.per_reward.items()})
 
     @staticmethod
     def concat(parts: list["ScoredRows"]) -> "ScoredRows":
         """The rows of ``parts`` one after another (groups renumbered); lifted groups summed."""
         if len(parts) == 1:
             return parts[0]
-        rollouts, prompts, budgets = Rollouts(), [], []
+        rollouts, prompts = Rollouts(), []
         for part in parts:
             rollouts.prompt_index += [len(prompts) + p for p in part.rollouts.prompt_index]
             rollouts.token_ids += part.rollouts.token_ids
             rollouts.logprobs += part.rollouts.logprobs
             rollouts.finish_reasons += part.rollouts.finish_reasons
             prompts += part.prompts
-            budgets += part.budgets or []
         return ScoredRows(prompts, rollouts, [t for p in parts for t in p.texts], [c for p in parts for c in p.correct],
                           torch.cat([p.rewards for p in parts]),
                           {k: torch.cat([p.per_reward[k] for p in parts]) for k in parts[0].per_reward},
-                          budgets if parts[0].budgets is not None else None, sum(p.lifted_groups for p in parts))
+                          sum(p.lifted_groups for p in parts))
 
     def to_batch(self, pad_token_id: int, overlong_filter: bool = False) -> Batch:
         """Prompt + completion rows, ``loss_mask`` on completion tokens (none on a completion
@@ -112,7 +108,7 @@ def score_rollouts(
     total, per_reward, lifted = once_per_replica(lambda: total_rewards(
         cfg, texts, row_golds, lengths, rollouts.prompt_index, group_size, correct, rollouts.finish_reasons,
         row_budgets))
-    return ScoredRows(prompts, rollouts, texts, correct, total, per_reward, budgets, lifted)
+    return ScoredRows(prompts, rollouts, texts, correct, total, per_reward, lifted)
 
 
 def total_rewards(

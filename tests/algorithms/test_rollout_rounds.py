@@ -83,8 +83,8 @@ def test_prompt_budgets_are_written_into_the_prompts_and_reach_the_reward(tiny_t
     (rows, _, _), _ = _collect(tokenizer, cfg, [2, 4])
     prompts = StepPrompts(RECORDS, tokenizer, SYSTEM_PROMPT, cfg, seed=5)
     budgets = [prompts.budget(0, 0, r) for r in (2, 4)]
-    assert rows.budgets == budgets
-    assert f"Think for {budgets[0]} tokens." in tokenizer.decode(rows.prompts[0])
+    for prompt, budget in zip(rows.prompts, budgets):
+        assert tokenizer.decode(prompt).count(f"Think for {budget} tokens.") == 1
     lengths = [len(t) for t in rows.rollouts.token_ids]
     expected = [float(ok) - 0.01 * abs(budgets[i // 2] - n) for i, (ok, n) in enumerate(zip(rows.correct, lengths))]
     assert rows.rewards.tolist() == pytest.approx(expected)
