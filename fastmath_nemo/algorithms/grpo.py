@@ -130,9 +130,9 @@ def run_grpo(
             stop(step)
         rows, generated, step_metrics = collected
         step_metrics.update(rollout_metrics(generated, generated.rollouts))
-        trained, lifted = (sum(column) for column in zip(*all_gather_objects([(len(rows), generated.lifted_groups)])))
-        step_metrics["reward/lifted_groups"] = float(lifted)
-        if trained:
+        if cfg.correctness_first:
+            step_metrics["reward/lifted_groups"] = float(sum(all_gather_objects([generated.lifted_groups])))
+        if not cfg.dynamic_sampling or step_metrics["dynamic/trained_groups"]:
             step_metrics.update(update_policy(policy, generator, rows, cfg, loss_cfg, int(tokenizer.pad_token_id), step))
         else:  # dynamic sampling found no group whose reward varied: nothing to learn from
             logger.warning("grpo step %d: no group's reward varied in %d rounds; no update", step + 1,
