@@ -30,6 +30,7 @@ from _hf_folders import (  # noqa: E402
     tokenizer_expectations_path,
     write_hf_folder,
 )
+from _ci_skips import in_ci  # noqa: E402
 from _nemo_cpu import nemo_on_cpu  # noqa: E402  (before NeMo: it stands in for a removed module)
 
 import torch  # noqa: E402
@@ -131,7 +132,7 @@ def test_qwen3_head_width_follows_the_hf_config(tmp_path: Path) -> None:
 
 def _unavailable(reason: str) -> NoReturn:
     """A main-environment checkpoint that cannot be had: a failure in CI, else a skip."""
-    if os.environ.get("CI") == "true":
+    if in_ci():
         pytest.fail(reason)
     pytest.skip(reason)
 
